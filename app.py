@@ -1,0 +1,611 @@
+"""A chat backend: conversations with an LLM, stored in SQLite or Postgres, replies streamed as SSE.
+
+Read top to bottom: settings, database, models (the LLM kind), shutdown, the app, then the
+endpoints for conversations, messages, generation and health. The HTTP API is in README.md.
+"""
+
+import asyncio
+import logging
+import re
+import secrets
+import signal
+import textwrap
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path as FilePath
+from typing import Annotated, Any
+
+import anyio
+import openai
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from anyio.streams.memory import MemoryObjectSendStream
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import AfterValidator, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import event, exc, true
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlmodel import SQLModel, col, select, update
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from models import (
+    INT32_MAX,
+    Conversation,
+    ConversationCreate,
+    ConversationPublic,
+    ConversationReplace,
+    ConversationUpdate,
+    Message,
+    MessageCreate,
+    MessagePublic,
+    storable_text,
+    utc_now,
+)
+
+logger = logging.getLogger("app")
+
+
+# Settings --------------------------------------------------------------------------------
+
+
+class Settings(BaseSettings):
+    """Read from the environment or a .env file; an empty variable counts as unset."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    database_url: str = "sqlite:///chat.db"
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None  # None: OpenAI's
+    default_model: str = "echo"
+    system_prompt: str = ""
+    history_turns: int = Field(default=10, ge=0)
+    max_prompt_chars: int = Field(default=32_000, ge=1)
+    openai_timeout: float = Field(default=60, gt=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    api_key: SecretStr | None = None
+
+
+settings = Settings()
+
+
+# Database --------------------------------------------------------------------------------
+
+ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
+
+
+def async_database_url(url: str) -> str:
+    """Let users write sqlite:// and postgresql:// and still get the async drivers."""
+    parsed = make_url(url)
+    driver = ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername)
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+database_url = async_database_url(settings.database_url)
+is_sqlite = database_url.startswith("sqlite")
+# A database that stops answering should cost a request a few seconds, not minutes.
+engine = create_async_engine(database_url, connect_args={} if is_sqlite else {"connect_timeout": 5})
+
+
+if is_sqlite:
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def configure_sqlite(dbapi_connection: Any, _: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys = ON")  # SQLite ignores ON DELETE CASCADE without it
+        cursor.execute("PRAGMA journal_mode = WAL")  # readers and the writer do not block each other
+        cursor.close()
+
+
+async def get_session() -> AsyncIterator[AsyncSession]:
+    # Sessions hold a connection only inside a transaction, so a long stream holds none.
+    async with AsyncSession(engine, expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def migrate_to_head(connection: Any) -> None:
+    config = AlembicConfig(FilePath(__file__).with_name("alembic.ini"))
+    config.attributes["connection"] = connection  # migrations/env.py runs on this connection
+    command.upgrade(config, "head")
+
+
+# Models ----------------------------------------------------------------------------------
+
+ECHO = "echo"
+llm = openai.AsyncOpenAI(
+    base_url=settings.openai_base_url,
+    # Local servers (Ollama, vLLM, llama.cpp) take any key, but the SDK insists on one.
+    api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else "not-set",
+    timeout=settings.openai_timeout,  # also the longest wait between two pieces of a reply
+    max_retries=0,  # a retry would replay the turn; the caller sees the error and decides
+)
+
+
+@dataclass
+class Reply:
+    pieces: list[str] = field(default_factory=list)
+    finished: bool = False  # the model said why it stopped (finish_reason)
+    prompt_tokens: int | None = None
+    response_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+async def stream_echo(prompt: str, reply: Reply, send: MemoryObjectSendStream) -> None:
+    for word in re.findall(r"\s*\S+\s*", prompt):
+        reply.pieces.append(word)
+        await send.send(ServerSentEvent(data={"content": word}))
+    reply.prompt_tokens = reply.response_tokens = len(prompt.split())
+    reply.total_tokens = reply.prompt_tokens + reply.response_tokens
+    reply.finished = True
+
+
+async def stream_llm(model: str, messages: list[dict], reply: Reply, send: MemoryObjectSendStream) -> None:
+    stream = await llm.chat.completions.create(
+        model=model,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+        **({"max_tokens": settings.max_tokens} if settings.max_tokens else {}),
+    )
+    async with stream:
+        async for chunk in stream:
+            if chunk.usage:  # the extra last chunk; servers that ignore include_usage never send it
+                reply.prompt_tokens = chunk.usage.prompt_tokens
+                reply.response_tokens = chunk.usage.completion_tokens
+                reply.total_tokens = chunk.usage.total_tokens
+            if not chunk.choices:
+                continue
+            if chunk.choices[0].finish_reason:
+                reply.finished = True
+            if content := chunk.choices[0].delta.content:
+                reply.pieces.append(content)
+                await send.send(ServerSentEvent(data={"content": content}))
+
+
+async def complete(model: str, messages: list[dict]) -> str:
+    """A whole reply at once: for titles."""
+    if model == ECHO:
+        return messages[-1]["content"]
+    completion = await llm.chat.completions.create(model=model, messages=messages, max_tokens=30)
+    return completion.choices[0].message.content or ""
+
+
+def chat_messages(prompt: str, history: list[Message]) -> list[dict]:
+    system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+    turns = [
+        {"role": role, "content": content}
+        for turn in history
+        for role, content in (("user", turn.prompt_content), ("assistant", turn.response_content))
+    ]
+    return [*system, *turns, {"role": "user", "content": prompt}]
+
+
+def short_title(text: str) -> str:
+    """One line of at most 60 characters; the prompt's own words serve until the LLM's title is in."""
+    line = " ".join(text.split()).strip("\"'` ")
+    return textwrap.shorten(line, width=60, placeholder="...") or "New conversation"
+
+
+# Stopping streams on shutdown ------------------------------------------------------------
+# Uvicorn waits for open streams before it shuts down, so a long reply would hold a restart.
+# On SIGTERM/SIGINT the app cancels its live work: each turn stores what it has (503),
+# tells the client, and the stream ends.
+
+live_work: set[anyio.CancelScope] = set()
+stopping = False
+
+
+def stop_live_work() -> None:
+    global stopping
+    stopping = True
+    for scope in live_work:
+        scope.cancel()
+
+
+@contextmanager
+def cancelled_on_shutdown(scope: anyio.CancelScope) -> Iterator[None]:
+    with scope:
+        if stopping:
+            scope.cancel()
+        live_work.add(scope)
+        try:
+            yield
+        finally:
+            live_work.discard(scope)
+
+
+@contextmanager
+def shutdown_signals_stop_live_work() -> Iterator[None]:
+    """Run stop_live_work on SIGINT/SIGTERM, then hand the signal on to the server (uvicorn)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    in_a_server = threading.current_thread() is threading.main_thread() and all(map(callable, previous.values()))
+    if not in_a_server:  # e.g. a test client running the app in a thread
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def handle(sig: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(stop_live_work)  # a signal handler may interrupt the loop anywhere
+        previous[sig](sig, frame)
+
+    for sig in signals:
+        signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# The app ---------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with engine.begin() as connection:
+        await connection.run_sync(migrate_to_head)
+    with shutdown_signals_stop_live_work():
+        yield
+    await llm.close()
+    await engine.dispose()
+
+
+app = FastAPI(title="Chat backend", lifespan=lifespan)
+
+
+async def database_unavailable(request: Any, error: Exception) -> JSONResponse:
+    logger.error("Database unavailable: %s", error)
+    return JSONResponse({"detail": "Database unavailable"}, status_code=503)
+
+
+for error_class in (exc.OperationalError, exc.InterfaceError, exc.TimeoutError):
+    app.add_exception_handler(error_class, database_unavailable)
+
+bearer = HTTPBearer(auto_error=False)
+
+
+def require_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    if settings.api_key is None:
+        return
+    given = credentials.credentials.encode() if credentials else b""
+    if not secrets.compare_digest(given, settings.api_key.get_secret_value().encode()):
+        raise HTTPException(401, "Invalid or missing API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+# Everything but /health (and FastAPI's /docs and /openapi.json) needs the key when API_KEY is set.
+api = APIRouter(dependencies=[Depends(require_api_key)])
+
+Skip = Annotated[int, Query(ge=0, le=INT32_MAX)]
+Take = Annotated[int, Query(ge=1, le=100)]
+ConversationId = Annotated[int, Path(ge=1, le=INT32_MAX)]
+MessageId = Annotated[int, Path(ge=1, le=INT32_MAX)]
+
+
+# Conversations ---------------------------------------------------------------------------
+
+
+async def find_conversation(conversation_id: ConversationId, session: SessionDep) -> Conversation:
+    conversation = await session.get(Conversation, conversation_id)
+    if conversation is None:
+        raise HTTPException(404, "Conversation not found")
+    return conversation
+
+
+ConversationDep = Annotated[Conversation, Depends(find_conversation)]
+
+
+@api.get("/conversations")
+async def list_conversations(
+    session: SessionDep,
+    skip: Skip = 0,
+    take: Take = 100,
+    model_type: Annotated[str, AfterValidator(storable_text)] = "",
+) -> list[ConversationPublic]:
+    query = select(Conversation).order_by(col(Conversation.updated_at).desc(), col(Conversation.id).desc())
+    if model_type:
+        query = query.where(Conversation.model_type == model_type)
+    return (await session.exec(query.offset(skip).limit(take))).all()
+
+
+@api.get("/conversations/{conversation_id}")
+async def read_conversation(conversation: ConversationDep) -> ConversationPublic:
+    return conversation
+
+
+@api.post("/conversations", status_code=201)
+async def create_conversation(body: ConversationCreate, session: SessionDep) -> ConversationPublic:
+    conversation = Conversation.model_validate(body, update={"model_type": body.model_type or settings.default_model})
+    session.add(conversation)
+    await session.commit()
+    return conversation
+
+
+@api.put("/conversations/{conversation_id}", status_code=202)
+async def replace_conversation(
+    body: ConversationReplace, conversation: ConversationDep, session: SessionDep
+) -> ConversationPublic:
+    conversation.sqlmodel_update(body.model_dump(), update={"updated_at": utc_now()})
+    await session.commit()
+    return conversation
+
+
+@api.patch("/conversations/{conversation_id}")
+async def update_conversation(
+    body: ConversationUpdate, conversation: ConversationDep, session: SessionDep
+) -> ConversationPublic:
+    conversation.sqlmodel_update(body.model_dump(exclude_unset=True), update={"updated_at": utc_now()})
+    await session.commit()
+    return conversation
+
+
+@api.delete("/conversations/{conversation_id}", status_code=204)
+async def delete_conversation(conversation: ConversationDep, session: SessionDep) -> None:
+    await session.delete(conversation)  # the database deletes its messages (ON DELETE CASCADE)
+    await session.commit()
+
+
+# Messages --------------------------------------------------------------------------------
+
+
+async def find_message(message_id: MessageId, session: SessionDep) -> Message:
+    message = await session.get(Message, message_id)
+    if message is None:
+        raise HTTPException(404, "Message not found")
+    return message
+
+
+MessageDep = Annotated[Message, Depends(find_message)]
+
+
+async def touch_conversation(session: AsyncSession, conversation_id: int) -> None:
+    """A change to a conversation's messages is activity in that conversation."""
+    await session.exec(update(Conversation).where(col(Conversation.id) == conversation_id).values(updated_at=utc_now()))
+
+
+@api.get("/conversations/{conversation_id}/messages")
+async def list_messages(
+    conversation: ConversationDep, session: SessionDep, skip: Skip = 0, take: Take = 100
+) -> list[MessagePublic]:
+    query = (
+        select(Message)
+        .where(Message.conversation_id == conversation.id)
+        .order_by(col(Message.created_at), col(Message.id))
+        .offset(skip)
+        .limit(take)
+    )
+    return (await session.exec(query)).all()
+
+
+@api.post("/conversations/{conversation_id}/messages", status_code=201)
+async def create_message(body: MessageCreate, conversation: ConversationDep, session: SessionDep) -> MessagePublic:
+    message = Message.model_validate(body, update={"conversation_id": conversation.id})
+    conversation.updated_at = message.created_at
+    session.add(message)
+    await session.commit()
+    return message
+
+
+@api.get("/messages/{message_id}")
+async def read_message(message: MessageDep) -> MessagePublic:
+    return message
+
+
+@api.put("/messages/{message_id}", status_code=202)
+async def replace_message(body: MessageCreate, message: MessageDep, session: SessionDep) -> MessagePublic:
+    message.sqlmodel_update(body.model_dump(), update={"updated_at": utc_now()})
+    await touch_conversation(session, message.conversation_id)
+    await session.commit()
+    return message
+
+
+@api.delete("/messages/{message_id}", status_code=204)
+async def delete_message(message: MessageDep, session: SessionDep) -> None:
+    await session.delete(message)
+    await touch_conversation(session, message.conversation_id)
+    await session.commit()
+
+
+# Generation ------------------------------------------------------------------------------
+
+
+class GenerateRequest(SQLModel):
+    prompt: Annotated[str, AfterValidator(storable_text)]
+    conversation_id: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def prompt_fits(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("must not be empty")
+        if len(prompt) > settings.max_prompt_chars:
+            raise ValueError(f"must be at most {settings.max_prompt_chars} characters (MAX_PROMPT_CHARS)")
+        return prompt
+
+
+@dataclass
+class Turn:
+    """One prompt and its reply: stored before the stream starts, finished exactly once."""
+
+    conversation: Conversation
+    message: Message
+    history: list[Message]
+    stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+async def start_turn(request: GenerateRequest, session: AsyncSession) -> Turn:
+    if request.conversation_id is None:
+        conversation = Conversation(title=short_title(request.prompt), model_type=settings.default_model)
+        session.add(conversation)
+        await session.flush()
+        history = []
+    else:
+        conversation = await find_conversation(request.conversation_id, session)
+        history = await recent_successful_turns(session, conversation.id)
+    message = Message(conversation_id=conversation.id, prompt_content=request.prompt, response_content="")
+    conversation.updated_at = message.created_at
+    session.add(message)
+    await session.commit()
+    return Turn(conversation, message, history)
+
+
+async def recent_successful_turns(session: AsyncSession, conversation_id: int) -> list[Message]:
+    if settings.history_turns == 0:
+        return []
+    query = (
+        select(Message)
+        .where(Message.conversation_id == conversation_id, Message.is_success == true())
+        .order_by(col(Message.created_at).desc(), col(Message.id).desc())
+        .limit(settings.history_turns)
+    )
+    return list(reversed((await session.exec(query)).all()))
+
+
+async def generate(turn: Turn, reply: Reply, send: MemoryObjectSendStream) -> tuple[int, str | None]:
+    """Stream the model's reply into `send` and `reply`; return its HTTP status and error detail."""
+    model = turn.conversation.model_type
+    try:
+        if model == ECHO:
+            await stream_echo(turn.message.prompt_content, reply, send)
+        else:
+            await stream_llm(model, chat_messages(turn.message.prompt_content, turn.history), reply, send)
+    except openai.APITimeoutError:
+        return 504, f"The model sent nothing for {settings.openai_timeout:g} s (OPENAI_TIMEOUT)"
+    except openai.APIConnectionError:
+        return 502, "The model could not be reached, or its reply broke off"
+    except openai.APIStatusError as error:
+        return error.status_code, f"The model answered {error.status_code}: {error.message}"
+    except Exception as error:  # the turn must be stored whatever the upstream sent
+        logger.exception("Reply from %r failed", model)
+        return 502, f"The model's reply could not be read: {error}"
+    if not reply.finished:
+        return 502, "The model's reply ended without a finish_reason"
+    return 200, None
+
+
+async def finish_turn(turn: Turn, reply: Reply, status_code: int, session: AsyncSession) -> bool:
+    """Store the turn's final state; runs even while the request is being cancelled."""
+    turn.message.sqlmodel_update(
+        {
+            "response_content": "".join(reply.pieces),
+            "prompt_tokens": reply.prompt_tokens,
+            "response_tokens": reply.response_tokens,
+            "total_tokens": reply.total_tokens,
+            "is_success": status_code == 200,
+            "status_code": status_code,
+            "updated_at": utc_now(),
+        }
+    )
+    turn.conversation.updated_at = turn.message.updated_at
+    with anyio.move_on_after(10, shield=True):
+        try:
+            await session.commit()
+            return True
+        except Exception:
+            logger.exception("Could not store the end of turn %s", turn.message.id)
+    return False
+
+
+async def run_turn(turn: Turn, session: AsyncSession, send: MemoryObjectSendStream) -> None:
+    reply = Reply()
+    ended = None  # (status_code, detail) once the reply is over
+    async with send:
+        try:
+            with cancelled_on_shutdown(turn.stop):
+                ids = {"conversation_id": turn.conversation.id, "message_id": turn.message.id}
+                await send.send(ServerSentEvent(event="start", data=ids))
+                ended = await generate(turn, reply, send)
+        finally:  # also when the request itself is cancelled
+            if ended is None:
+                ended = (503, "The server is shutting down") if stopping else (499, "The client went away")
+            if not await finish_turn(turn, reply, ended[0], session):
+                ended = (503, "Database unavailable: the reply was not stored")
+        status_code, detail = ended
+        if status_code == 200:
+            final = ServerSentEvent(event="done", data=MessagePublic.model_validate(turn.message))
+        else:
+            final = ServerSentEvent(event="error", data={"detail": detail, "status_code": status_code})
+        try:
+            await send.send(final)
+        except anyio.BrokenResourceError:
+            pass  # nobody is listening any more
+
+
+async def write_title(conversation_id: int, placeholder: str, model: str, prompt: str) -> None:
+    """Give a new conversation an LLM-written title, unless the user renamed it meanwhile."""
+    instruction = "Reply with only a short title (at most six words) for a chat that starts with this message."
+    with cancelled_on_shutdown(anyio.CancelScope()):
+        try:
+            title = short_title(await complete(model, [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]))
+            async with AsyncSession(engine) as session:
+                renamed = (
+                    update(Conversation)
+                    .where(col(Conversation.id) == conversation_id, col(Conversation.title) == placeholder)
+                    .values(title=storable_title(title))
+                )
+                await session.exec(renamed)
+                await session.commit()
+        except Exception:
+            logger.warning("No title for conversation %s", conversation_id, exc_info=True)
+
+
+def storable_title(title: str) -> str:
+    return title.replace("\x00", "").encode(errors="ignore").decode()
+
+
+@asynccontextmanager
+async def open_turn(request: GenerateRequest, session: AsyncSession, response: Response) -> AsyncIterator[AsyncIterable]:
+    """Store the prompt, then stream the reply from a task that finishes the turn however the stream ends."""
+    turn = await start_turn(request, session)
+    response.headers["X-Conversation-Id"] = str(turn.conversation.id)
+    send, receive = anyio.create_memory_object_stream[ServerSentEvent](max_buffer_size=64)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run_turn, turn, session, send)
+        if request.conversation_id is None:
+            tasks.start_soon(write_title, turn.conversation.id, turn.conversation.title, turn.conversation.model_type, request.prompt)
+        with receive:
+            try:
+                yield receive
+            finally:
+                turn.stop.cancel()  # the response is over; if the reply is not, the client went away
+
+
+async def turn_from_query(
+    request: Annotated[GenerateRequest, Query()], session: SessionDep, response: Response
+) -> AsyncIterator[AsyncIterable]:
+    async with open_turn(request, session, response) as events:
+        yield events
+
+
+async def turn_from_body(request: GenerateRequest, session: SessionDep, response: Response) -> AsyncIterator[AsyncIterable]:
+    async with open_turn(request, session, response) as events:
+        yield events
+
+
+@api.get("/text/generate/stream", response_class=EventSourceResponse)
+async def generate_stream(events: Annotated[AsyncIterable, Depends(turn_from_query)]) -> AsyncIterable[ServerSentEvent]:
+    async for sse in events:
+        yield sse
+
+
+@api.post("/text/generate/stream", response_class=EventSourceResponse)
+async def generate_stream_post(events: Annotated[AsyncIterable, Depends(turn_from_body)]) -> AsyncIterable[ServerSentEvent]:
+    async for sse in events:
+        yield sse
+
+
+app.include_router(api)
+
+
+@app.get("/health")
+async def health(session: SessionDep) -> dict[str, str]:
+    await session.exec(select(1))
+    return {"status": "ok"}

@@ -1,0 +1,121 @@
+"""Tables and API schemas: each SQLModel class is one or the other, sharing fields through a Base."""
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import sqlalchemy as sa
+from pydantic import AfterValidator, StringConstraints, field_validator
+from sqlmodel import Field, Index, SQLModel
+
+INT32_MAX = 2**31 - 1  # ids and counts are INTEGER columns on both databases
+MAX_TEXT_CHARS = 1_000_000
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def storable_text(value: str) -> str:
+    """Postgres cannot store NUL, and neither database can store half a UTF-16 surrogate pair."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+# StringConstraints goes innermost so that it trims before the other checks run.
+Content = Annotated[
+    Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)], AfterValidator(storable_text)
+]
+Title = Annotated[
+    Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)],
+    AfterValidator(storable_text),
+]
+ModelType = Annotated[
+    Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)],
+    AfterValidator(storable_text),
+]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+StatusCode = Annotated[int, Field(ge=100, le=599)]
+
+
+class ConversationBase(SQLModel):
+    title: Title
+    model_type: ModelType = Field(index=True)
+
+
+class Conversation(ConversationBase, table=True):
+    __tablename__ = "conversations"
+    # GET /conversations: newest activity first.
+    __table_args__ = (Index("ix_conversations_updated_at_id", "updated_at", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utc_now)
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
+class ConversationCreate(ConversationBase):
+    model_type: ModelType | None = None  # None: the configured DEFAULT_MODEL
+
+
+class ConversationReplace(ConversationBase):
+    pass
+
+
+class ConversationUpdate(SQLModel):
+    title: Title | None = None
+    model_type: ModelType | None = None
+
+    @field_validator("title", "model_type")
+    @classmethod
+    def not_null(cls, value: str | None) -> str:
+        # Leaving a field out keeps it; sending null would blank a required column.
+        if value is None:
+            raise ValueError("may be left out, but not null")
+        return value
+
+
+class ConversationPublic(ConversationBase):
+    id: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessageBase(SQLModel):
+    prompt_content: Content = Field(sa_type=sa.Text)
+    response_content: Content = Field(sa_type=sa.Text)
+    prompt_tokens: Count | None = None
+    response_tokens: Count | None = None
+    total_tokens: Count | None = None
+    is_success: bool | None = None
+    status_code: StatusCode | None = None
+
+
+class Message(MessageBase, table=True):
+    __tablename__ = "messages"
+    # Both lead with conversation_id, so they also serve the foreign key and its cascade.
+    __table_args__ = (
+        # A conversation's page of messages, oldest first.
+        Index("ix_messages_conversation_id_created_at_id", "conversation_id", "created_at", "id"),
+        # The last successful turns sent to the model as history.
+        Index("ix_messages_conversation_id_is_success_created_at_id", "conversation_id", "is_success", "created_at", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversations.id", ondelete="CASCADE")
+    created_at: datetime = Field(default_factory=utc_now)
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
+class MessageCreate(MessageBase):
+    pass
+
+
+class MessagePublic(MessageBase):
+    id: int
+    conversation_id: int
+    created_at: datetime
+    updated_at: datetime
