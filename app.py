@@ -23,6 +23,8 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from anyio.streams.memory import MemoryObjectSendStream
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -57,7 +59,9 @@ logger = logging.getLogger("app")
 class Settings(BaseSettings):
     """Read from the environment or a .env file; an empty variable counts as unset."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
 
     database_url: str = "sqlite:///chat.db"
     openai_api_key: SecretStr | None = None
@@ -76,7 +80,11 @@ settings = Settings()
 
 # Database --------------------------------------------------------------------------------
 
-ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
+ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+}
 
 
 def async_database_url(url: str) -> str:
@@ -89,7 +97,9 @@ def async_database_url(url: str) -> str:
 database_url = async_database_url(settings.database_url)
 is_sqlite = database_url.startswith("sqlite")
 # A database that stops answering should cost a request a few seconds, not minutes.
-engine = create_async_engine(database_url, connect_args={} if is_sqlite else {"connect_timeout": 5})
+engine = create_async_engine(
+    database_url, connect_args={} if is_sqlite else {"connect_timeout": 5}
+)
 
 
 if is_sqlite:
@@ -97,8 +107,12 @@ if is_sqlite:
     @event.listens_for(engine.sync_engine, "connect")
     def configure_sqlite(dbapi_connection: Any, _: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA foreign_keys = ON")  # SQLite ignores ON DELETE CASCADE without it
-        cursor.execute("PRAGMA journal_mode = WAL")  # readers and the writer do not block each other
+        cursor.execute(
+            "PRAGMA foreign_keys = ON"
+        )  # SQLite ignores ON DELETE CASCADE without it
+        cursor.execute(
+            "PRAGMA journal_mode = WAL"
+        )  # readers and the writer do not block each other
         cursor.close()
 
 
@@ -113,7 +127,9 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 def migrate_to_head(connection: Any) -> None:
     config = AlembicConfig(FilePath(__file__).with_name("alembic.ini"))
-    config.attributes["connection"] = connection  # migrations/env.py runs on this connection
+    config.attributes["connection"] = (
+        connection  # migrations/env.py runs on this connection
+    )
     command.upgrade(config, "head")
 
 
@@ -123,7 +139,9 @@ ECHO = "echo"
 llm = openai.AsyncOpenAI(
     base_url=settings.openai_base_url,
     # Local servers (Ollama, vLLM, llama.cpp) take any key, but the SDK insists on one.
-    api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else "not-set",
+    api_key=settings.openai_api_key.get_secret_value()
+    if settings.openai_api_key
+    else "not-set",
     timeout=settings.openai_timeout,  # also the longest wait between two pieces of a reply
     max_retries=0,  # a retry would replay the turn; the caller sees the error and decides
 )
@@ -147,7 +165,9 @@ async def stream_echo(prompt: str, reply: Reply, send: MemoryObjectSendStream) -
     reply.finished = True
 
 
-async def stream_llm(model: str, messages: list[dict], reply: Reply, send: MemoryObjectSendStream) -> None:
+async def stream_llm(
+    model: str, messages: list[dict], reply: Reply, send: MemoryObjectSendStream
+) -> None:
     stream = await llm.chat.completions.create(
         model=model,
         messages=messages,
@@ -157,7 +177,9 @@ async def stream_llm(model: str, messages: list[dict], reply: Reply, send: Memor
     )
     async with stream:
         async for chunk in stream:
-            if chunk.usage:  # the extra last chunk; servers that ignore include_usage never send it
+            if (
+                chunk.usage
+            ):  # the extra last chunk; servers that ignore include_usage never send it
                 reply.prompt_tokens = chunk.usage.prompt_tokens
                 reply.response_tokens = chunk.usage.completion_tokens
                 reply.total_tokens = chunk.usage.total_tokens
@@ -174,16 +196,25 @@ async def complete(model: str, messages: list[dict]) -> str:
     """A whole reply at once: for titles."""
     if model == ECHO:
         return messages[-1]["content"]
-    completion = await llm.chat.completions.create(model=model, messages=messages, max_tokens=30)
+    completion = await llm.chat.completions.create(
+        model=model, messages=messages, max_tokens=30
+    )
     return completion.choices[0].message.content or ""
 
 
 def chat_messages(prompt: str, history: list[Message]) -> list[dict]:
-    system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+    system = (
+        [{"role": "system", "content": settings.system_prompt}]
+        if settings.system_prompt
+        else []
+    )
     turns = [
         {"role": role, "content": content}
         for turn in history
-        for role, content in (("user", turn.prompt_content), ("assistant", turn.response_content))
+        for role, content in (
+            ("user", turn.prompt_content),
+            ("assistant", turn.response_content),
+        )
     ]
     return [*system, *turns, {"role": "user", "content": prompt}]
 
@@ -227,14 +258,18 @@ def shutdown_signals_stop_live_work() -> Iterator[None]:
     """Run stop_live_work on SIGINT/SIGTERM, then hand the signal on to the server (uvicorn)."""
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in signals}
-    in_a_server = threading.current_thread() is threading.main_thread() and all(map(callable, previous.values()))
+    in_a_server = threading.current_thread() is threading.main_thread() and all(
+        map(callable, previous.values())
+    )
     if not in_a_server:  # e.g. a test client running the app in a thread
         yield
         return
     loop = asyncio.get_running_loop()
 
     def handle(sig: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(stop_live_work)  # a signal handler may interrupt the loop anywhere
+        loop.call_soon_threadsafe(
+            stop_live_work
+        )  # a signal handler may interrupt the loop anywhere
         previous[sig](sig, frame)
 
     for sig in signals:
@@ -270,15 +305,31 @@ async def database_unavailable(request: Any, error: Exception) -> JSONResponse:
 for error_class in (exc.OperationalError, exc.InterfaceError, exc.TimeoutError):
     app.add_exception_handler(error_class, database_unavailable)
 
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Any, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's own handler echoes each bad input back: a 1 MB text, or one that is not valid
+    # Unicode and cannot be encoded at all (a 500). The location and message are enough.
+    errors = [
+        {key: value for key, value in e.items() if key != "input"}
+        for e in error.errors()
+    ]
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
 bearer = HTTPBearer(auto_error=False)
 
 
-def require_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+def require_api_key(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
     if settings.api_key is None:
         return
     given = credentials.credentials.encode() if credentials else b""
     if not secrets.compare_digest(given, settings.api_key.get_secret_value().encode()):
-        raise HTTPException(401, "Invalid or missing API key", headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401, "Invalid or missing API key", headers={"WWW-Authenticate": "Bearer"}
+        )
 
 
 # Everything but /health (and FastAPI's /docs and /openapi.json) needs the key when API_KEY is set.
@@ -293,7 +344,9 @@ MessageId = Annotated[int, Path(ge=1, le=INT32_MAX)]
 # Conversations ---------------------------------------------------------------------------
 
 
-async def find_conversation(conversation_id: ConversationId, session: SessionDep) -> Conversation:
+async def find_conversation(
+    conversation_id: ConversationId, session: SessionDep
+) -> Conversation:
     conversation = await session.get(Conversation, conversation_id)
     if conversation is None:
         raise HTTPException(404, "Conversation not found")
@@ -310,7 +363,9 @@ async def list_conversations(
     take: Take = 100,
     model_type: Annotated[str, AfterValidator(storable_text)] = "",
 ) -> list[ConversationPublic]:
-    query = select(Conversation).order_by(col(Conversation.updated_at).desc(), col(Conversation.id).desc())
+    query = select(Conversation).order_by(
+        col(Conversation.updated_at).desc(), col(Conversation.id).desc()
+    )
     if model_type:
         query = query.where(Conversation.model_type == model_type)
     return (await session.exec(query.offset(skip).limit(take))).all()
@@ -322,8 +377,12 @@ async def read_conversation(conversation: ConversationDep) -> ConversationPublic
 
 
 @api.post("/conversations", status_code=201)
-async def create_conversation(body: ConversationCreate, session: SessionDep) -> ConversationPublic:
-    conversation = Conversation.model_validate(body, update={"model_type": body.model_type or settings.default_model})
+async def create_conversation(
+    body: ConversationCreate, session: SessionDep
+) -> ConversationPublic:
+    conversation = Conversation.model_validate(
+        body, update={"model_type": body.model_type or settings.default_model}
+    )
     session.add(conversation)
     await session.commit()
     return conversation
@@ -342,14 +401,20 @@ async def replace_conversation(
 async def update_conversation(
     body: ConversationUpdate, conversation: ConversationDep, session: SessionDep
 ) -> ConversationPublic:
-    conversation.sqlmodel_update(body.model_dump(exclude_unset=True), update={"updated_at": utc_now()})
+    conversation.sqlmodel_update(
+        body.model_dump(exclude_unset=True), update={"updated_at": utc_now()}
+    )
     await session.commit()
     return conversation
 
 
 @api.delete("/conversations/{conversation_id}", status_code=204)
-async def delete_conversation(conversation: ConversationDep, session: SessionDep) -> None:
-    await session.delete(conversation)  # the database deletes its messages (ON DELETE CASCADE)
+async def delete_conversation(
+    conversation: ConversationDep, session: SessionDep
+) -> None:
+    await session.delete(
+        conversation
+    )  # the database deletes its messages (ON DELETE CASCADE)
     await session.commit()
 
 
@@ -368,7 +433,11 @@ MessageDep = Annotated[Message, Depends(find_message)]
 
 async def touch_conversation(session: AsyncSession, conversation_id: int) -> None:
     """A change to a conversation's messages is activity in that conversation."""
-    await session.exec(update(Conversation).where(col(Conversation.id) == conversation_id).values(updated_at=utc_now()))
+    await session.exec(
+        update(Conversation)
+        .where(col(Conversation.id) == conversation_id)
+        .values(updated_at=utc_now())
+    )
 
 
 @api.get("/conversations/{conversation_id}/messages")
@@ -386,7 +455,9 @@ async def list_messages(
 
 
 @api.post("/conversations/{conversation_id}/messages", status_code=201)
-async def create_message(body: MessageCreate, conversation: ConversationDep, session: SessionDep) -> MessagePublic:
+async def create_message(
+    body: MessageCreate, conversation: ConversationDep, session: SessionDep
+) -> MessagePublic:
     message = Message.model_validate(body, update={"conversation_id": conversation.id})
     conversation.updated_at = message.created_at
     session.add(message)
@@ -400,7 +471,9 @@ async def read_message(message: MessageDep) -> MessagePublic:
 
 
 @api.put("/messages/{message_id}", status_code=202)
-async def replace_message(body: MessageCreate, message: MessageDep, session: SessionDep) -> MessagePublic:
+async def replace_message(
+    body: MessageCreate, message: MessageDep, session: SessionDep
+) -> MessagePublic:
     message.sqlmodel_update(body.model_dump(), update={"updated_at": utc_now()})
     await touch_conversation(session, message.conversation_id)
     await session.commit()
@@ -427,7 +500,9 @@ class GenerateRequest(SQLModel):
         if not prompt.strip():
             raise ValueError("must not be empty")
         if len(prompt) > settings.max_prompt_chars:
-            raise ValueError(f"must be at most {settings.max_prompt_chars} characters (MAX_PROMPT_CHARS)")
+            raise ValueError(
+                f"must be at most {settings.max_prompt_chars} characters (MAX_PROMPT_CHARS)"
+            )
         return prompt
 
 
@@ -443,21 +518,29 @@ class Turn:
 
 async def start_turn(request: GenerateRequest, session: AsyncSession) -> Turn:
     if request.conversation_id is None:
-        conversation = Conversation(title=short_title(request.prompt), model_type=settings.default_model)
+        conversation = Conversation(
+            title=short_title(request.prompt), model_type=settings.default_model
+        )
         session.add(conversation)
         await session.flush()
         history = []
     else:
         conversation = await find_conversation(request.conversation_id, session)
         history = await recent_successful_turns(session, conversation.id)
-    message = Message(conversation_id=conversation.id, prompt_content=request.prompt, response_content="")
+    message = Message(
+        conversation_id=conversation.id,
+        prompt_content=request.prompt,
+        response_content="",
+    )
     conversation.updated_at = message.created_at
     session.add(message)
     await session.commit()
     return Turn(conversation, message, history)
 
 
-async def recent_successful_turns(session: AsyncSession, conversation_id: int) -> list[Message]:
+async def recent_successful_turns(
+    session: AsyncSession, conversation_id: int
+) -> list[Message]:
     if settings.history_turns == 0:
         return []
     query = (
@@ -469,20 +552,33 @@ async def recent_successful_turns(session: AsyncSession, conversation_id: int) -
     return list(reversed((await session.exec(query)).all()))
 
 
-async def generate(turn: Turn, reply: Reply, send: MemoryObjectSendStream) -> tuple[int, str | None]:
+async def generate(
+    turn: Turn, reply: Reply, send: MemoryObjectSendStream
+) -> tuple[int, str | None]:
     """Stream the model's reply into `send` and `reply`; return its HTTP status and error detail."""
     model = turn.conversation.model_type
     try:
         if model == ECHO:
             await stream_echo(turn.message.prompt_content, reply, send)
         else:
-            await stream_llm(model, chat_messages(turn.message.prompt_content, turn.history), reply, send)
+            await stream_llm(
+                model,
+                chat_messages(turn.message.prompt_content, turn.history),
+                reply,
+                send,
+            )
     except openai.APITimeoutError:
-        return 504, f"The model sent nothing for {settings.openai_timeout:g} s (OPENAI_TIMEOUT)"
+        return (
+            504,
+            f"The model sent nothing for {settings.openai_timeout:g} s (OPENAI_TIMEOUT)",
+        )
     except openai.APIConnectionError:
         return 502, "The model could not be reached, or its reply broke off"
     except openai.APIStatusError as error:
-        return error.status_code, f"The model answered {error.status_code}: {error.message}"
+        return (
+            error.status_code,
+            f"The model answered {error.status_code}: {error.message}",
+        )
     except Exception as error:  # the turn must be stored whatever the upstream sent
         logger.exception("Reply from %r failed", model)
         return 502, f"The model's reply could not be read: {error}"
@@ -491,7 +587,9 @@ async def generate(turn: Turn, reply: Reply, send: MemoryObjectSendStream) -> tu
     return 200, None
 
 
-async def finish_turn(turn: Turn, reply: Reply, status_code: int, session: AsyncSession) -> bool:
+async def finish_turn(
+    turn: Turn, reply: Reply, status_code: int, session: AsyncSession
+) -> bool:
     """Store the turn's final state; runs even while the request is being cancelled."""
     turn.message.sqlmodel_update(
         {
@@ -514,47 +612,75 @@ async def finish_turn(turn: Turn, reply: Reply, status_code: int, session: Async
     return False
 
 
-async def run_turn(turn: Turn, session: AsyncSession, send: MemoryObjectSendStream) -> None:
+async def run_turn(
+    turn: Turn, session: AsyncSession, send: MemoryObjectSendStream
+) -> None:
     reply = Reply()
     ended = None  # (status_code, detail) once the reply is over
     async with send:
         try:
             with cancelled_on_shutdown(turn.stop):
-                ids = {"conversation_id": turn.conversation.id, "message_id": turn.message.id}
+                ids = {
+                    "conversation_id": turn.conversation.id,
+                    "message_id": turn.message.id,
+                }
                 await send.send(ServerSentEvent(event="start", data=ids))
                 ended = await generate(turn, reply, send)
         finally:  # also when the request itself is cancelled
             if ended is None:
-                ended = (503, "The server is shutting down") if stopping else (499, "The client went away")
+                ended = (
+                    (503, "The server is shutting down")
+                    if stopping
+                    else (499, "The client went away")
+                )
             if not await finish_turn(turn, reply, ended[0], session):
                 ended = (503, "Database unavailable: the reply was not stored")
         status_code, detail = ended
         if status_code == 200:
-            final = ServerSentEvent(event="done", data=MessagePublic.model_validate(turn.message))
+            final = ServerSentEvent(
+                event="done", data=MessagePublic.model_validate(turn.message)
+            )
         else:
-            final = ServerSentEvent(event="error", data={"detail": detail, "status_code": status_code})
+            final = ServerSentEvent(
+                event="error", data={"detail": detail, "status_code": status_code}
+            )
         try:
             await send.send(final)
         except anyio.BrokenResourceError:
             pass  # nobody is listening any more
 
 
-async def write_title(conversation_id: int, placeholder: str, model: str, prompt: str) -> None:
+async def write_title(
+    conversation_id: int, placeholder: str, model: str, prompt: str
+) -> None:
     """Give a new conversation an LLM-written title, unless the user renamed it meanwhile."""
     instruction = "Reply with only a short title (at most six words) for a chat that starts with this message."
     with cancelled_on_shutdown(anyio.CancelScope()):
         try:
-            title = short_title(await complete(model, [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]))
+            title = short_title(
+                await complete(
+                    model,
+                    [
+                        {"role": "system", "content": instruction},
+                        {"role": "user", "content": prompt},
+                    ],
+                )
+            )
             async with AsyncSession(engine) as session:
                 renamed = (
                     update(Conversation)
-                    .where(col(Conversation.id) == conversation_id, col(Conversation.title) == placeholder)
+                    .where(
+                        col(Conversation.id) == conversation_id,
+                        col(Conversation.title) == placeholder,
+                    )
                     .values(title=storable_title(title))
                 )
                 await session.exec(renamed)
                 await session.commit()
         except Exception:
-            logger.warning("No title for conversation %s", conversation_id, exc_info=True)
+            logger.warning(
+                "No title for conversation %s", conversation_id, exc_info=True
+            )
 
 
 def storable_title(title: str) -> str:
@@ -562,15 +688,25 @@ def storable_title(title: str) -> str:
 
 
 @asynccontextmanager
-async def open_turn(request: GenerateRequest, session: AsyncSession, response: Response) -> AsyncIterator[AsyncIterable]:
+async def open_turn(
+    request: GenerateRequest, session: AsyncSession, response: Response
+) -> AsyncIterator[AsyncIterable]:
     """Store the prompt, then stream the reply from a task that finishes the turn however the stream ends."""
     turn = await start_turn(request, session)
     response.headers["X-Conversation-Id"] = str(turn.conversation.id)
-    send, receive = anyio.create_memory_object_stream[ServerSentEvent](max_buffer_size=64)
+    send, receive = anyio.create_memory_object_stream[ServerSentEvent](
+        max_buffer_size=64
+    )
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(run_turn, turn, session, send)
         if request.conversation_id is None:
-            tasks.start_soon(write_title, turn.conversation.id, turn.conversation.title, turn.conversation.model_type, request.prompt)
+            tasks.start_soon(
+                write_title,
+                turn.conversation.id,
+                turn.conversation.title,
+                turn.conversation.model_type,
+                request.prompt,
+            )
         with receive:
             try:
                 yield receive
@@ -579,25 +715,33 @@ async def open_turn(request: GenerateRequest, session: AsyncSession, response: R
 
 
 async def turn_from_query(
-    request: Annotated[GenerateRequest, Query()], session: SessionDep, response: Response
+    request: Annotated[GenerateRequest, Query()],
+    session: SessionDep,
+    response: Response,
 ) -> AsyncIterator[AsyncIterable]:
     async with open_turn(request, session, response) as events:
         yield events
 
 
-async def turn_from_body(request: GenerateRequest, session: SessionDep, response: Response) -> AsyncIterator[AsyncIterable]:
+async def turn_from_body(
+    request: GenerateRequest, session: SessionDep, response: Response
+) -> AsyncIterator[AsyncIterable]:
     async with open_turn(request, session, response) as events:
         yield events
 
 
 @api.get("/text/generate/stream", response_class=EventSourceResponse)
-async def generate_stream(events: Annotated[AsyncIterable, Depends(turn_from_query)]) -> AsyncIterable[ServerSentEvent]:
+async def generate_stream(
+    events: Annotated[AsyncIterable, Depends(turn_from_query)],
+) -> AsyncIterable[ServerSentEvent]:
     async for sse in events:
         yield sse
 
 
 @api.post("/text/generate/stream", response_class=EventSourceResponse)
-async def generate_stream_post(events: Annotated[AsyncIterable, Depends(turn_from_body)]) -> AsyncIterable[ServerSentEvent]:
+async def generate_stream_post(
+    events: Annotated[AsyncIterable, Depends(turn_from_body)],
+) -> AsyncIterable[ServerSentEvent]:
     async for sse in events:
         yield sse
 

@@ -28,14 +28,19 @@ def storable_text(value: str) -> str:
 
 # StringConstraints goes innermost so that it trims before the other checks run.
 Content = Annotated[
-    Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)], AfterValidator(storable_text)
+    Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)],
+    AfterValidator(storable_text),
 ]
 Title = Annotated[
-    Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)],
+    Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+    ],
     AfterValidator(storable_text),
 ]
 ModelType = Annotated[
-    Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)],
+    Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)
+    ],
     AfterValidator(storable_text),
 ]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -99,9 +104,20 @@ class Message(MessageBase, table=True):
     # Both lead with conversation_id, so they also serve the foreign key and its cascade.
     __table_args__ = (
         # A conversation's page of messages, oldest first.
-        Index("ix_messages_conversation_id_created_at_id", "conversation_id", "created_at", "id"),
+        Index(
+            "ix_messages_conversation_id_created_at_id",
+            "conversation_id",
+            "created_at",
+            "id",
+        ),
         # The last successful turns sent to the model as history.
-        Index("ix_messages_conversation_id_is_success_created_at_id", "conversation_id", "is_success", "created_at", "id"),
+        Index(
+            "ix_messages_conversation_id_is_success_created_at_id",
+            "conversation_id",
+            "is_success",
+            "created_at",
+            "id",
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -24,7 +24,9 @@ MIGRATION_LOCK = 7_243_901
 
 
 def run_migrations(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=SQLModel.metadata, render_as_batch=True)
+    context.configure(
+        connection=connection, target_metadata=SQLModel.metadata, render_as_batch=True
+    )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
@@ -39,7 +41,9 @@ async def run_migrations_from_cli() -> None:
 
 
 if context.is_offline_mode():
-    raise SystemExit("Offline (--sql) migrations are not set up; run them against a database.")
+    raise SystemExit(
+        "Offline (--sql) migrations are not set up; run them against a database."
+    )
 if app_connection is None:
     asyncio.run(run_migrations_from_cli())
 else:

@@ -1,0 +1,981 @@
+"""The service's behaviour, as a specification.
+
+Every test talks HTTP to the app running in a real uvicorn, on SQLite and on Postgres
+(TEST_DATABASE_URL; without it the Postgres cases skip, and under CI=true they fail). Models
+other than `echo` are served by `fake_llm` below, a small OpenAI-compatible server the tests
+run themselves; its model name scripts the reply, e.g. `fake:pieces=5:gap_ms=100`.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.engine import make_url
+
+PROJECT = Path(__file__).resolve().parent
+POSTGRES_URL = os.environ.get("TEST_DATABASE_URL")
+SETTINGS = [
+    "DATABASE_URL",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "DEFAULT_MODEL",
+    "SYSTEM_PROMPT",
+    "HISTORY_TURNS",
+    "MAX_PROMPT_CHARS",
+    "OPENAI_TIMEOUT",
+    "MAX_TOKENS",
+    "API_KEY",
+]
+
+
+# The fake LLM ----------------------------------------------------------------------------
+
+fake_llm = FastAPI()
+fake_llm.state.requests = []
+
+
+def script(model: str) -> dict:
+    """fake:pieces=3:first_ms=0:gap_ms=0:fail=0:abort=-1:hang=0:usage=1:finish=stop"""
+    options = {
+        "pieces": "3",
+        "first_ms": "0",
+        "gap_ms": "0",
+        "fail": "0",
+        "abort": "-1",
+        "hang": "0",
+    }
+    options |= {"usage": "1", "finish": "stop"}
+    options |= dict(part.split("=") for part in model.split(":")[1:])
+    return {
+        key: value if key == "finish" else int(value) for key, value in options.items()
+    }
+
+
+def chunk(model: str, **fields: object) -> str:
+    body = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        **fields,
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
+
+@fake_llm.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> object:
+    body = await request.json()
+    fake_llm.state.requests.append(body)
+    model, run = body["model"], script(body["model"])
+    if run["hang"]:
+        await asyncio.sleep(3600)
+    if run["fail"]:
+        error = {"message": f"scripted failure {run['fail']}", "type": "server_error"}
+        return JSONResponse({"error": error}, status_code=run["fail"])
+    words = [f"w{i} " for i in range(run["pieces"])]
+    usage = {
+        "prompt_tokens": 7,
+        "completion_tokens": len(words),
+        "total_tokens": 7 + len(words),
+    }
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": "".join(words)}
+        choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
+        return {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": choices,
+        }
+
+    async def events() -> Iterator[str]:
+        await asyncio.sleep(run["first_ms"] / 1000)
+        for i, word in enumerate(words):
+            if i == run["abort"]:
+                raise ConnectionAbortedError("scripted break mid-stream")
+            if i:
+                await asyncio.sleep(run["gap_ms"] / 1000)
+            yield chunk(
+                model,
+                choices=[
+                    {"index": 0, "delta": {"content": word}, "finish_reason": None}
+                ],
+            )
+        if run["finish"] != "none":
+            yield chunk(
+                model,
+                choices=[{"index": 0, "delta": {}, "finish_reason": run["finish"]}],
+            )
+        if run["usage"] and body.get("stream_options", {}).get("include_usage"):
+            yield chunk(model, choices=[], usage=usage)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# Servers and databases -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llm_url() -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(
+        fake_llm, port=port, log_level="critical", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(5)
+
+
+@pytest.fixture
+def llm_requests() -> list[dict]:
+    """What the app sent to the fake LLM during this test."""
+    fake_llm.state.requests.clear()
+    return fake_llm.state.requests
+
+
+@dataclass
+class Database:
+    url: str
+    name: str  # the Postgres database, or the SQLite file
+
+
+def postgres_admin() -> psycopg.Connection:
+    if not POSTGRES_URL:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs the Postgres cases: set TEST_DATABASE_URL")
+        pytest.skip(
+            "Postgres cases need TEST_DATABASE_URL, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        )
+    return psycopg.connect(
+        make_url(POSTGRES_URL).set(drivername="postgresql").render_as_string(False),
+        autocommit=True,
+    )
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Database]:
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "chat.db"
+        yield Database(f"sqlite:///{path}", str(path))
+        return
+    with postgres_admin() as admin:
+        name = f"chat_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            # The plain postgresql:// form users copy from elsewhere; the app picks the driver.
+            yield Database(
+                make_url(POSTGRES_URL)
+                .set(drivername="postgresql", database=name)
+                .render_as_string(False),
+                name,
+            )
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def launch(
+    args: list[str], env: dict[str, str], workdir: Path
+) -> tuple[subprocess.Popen, Path]:
+    log = workdir / f"server-{uuid.uuid4().hex[:6]}.log"
+    clean = {key: value for key, value in os.environ.items() if key not in SETTINGS}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(PROJECT), *args],
+        cwd=workdir,  # not the project: a developer's .env there must not leak into the tests
+        env={**clean, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    return process, log
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"the app did not answer /health in 30 s:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def start_app(
+    database: Database, llm_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Server]]:
+    """Start the app on this module's database; keyword arguments are settings (env names)."""
+    workdir = tmp_path_factory.mktemp("app")
+    started = []
+
+    def start(**settings: str) -> Server:
+        port = free_port()
+        env = {
+            "DATABASE_URL": database.url,
+            "OPENAI_BASE_URL": llm_url,
+            "OPENAI_API_KEY": "sk-test",
+            **settings,
+        }
+        process, log = launch(["--port", str(port)], env, workdir)
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process, log)
+        return Server(url, process, log)
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(start_app: Callable[..., Server]) -> Server:
+    return start_app()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        yield client
+
+
+def iter_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
+    """Server-sent events as (event name, JSON data); unnamed events are 'message'."""
+    name, data = "message", []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            data.append(line.removeprefix("data:").strip())
+        elif not line and data:
+            yield name, json.loads("\n".join(data))
+            name, data = "message", []
+
+
+def generate(
+    client: httpx.Client, **params: object
+) -> tuple[httpx.Response, list[tuple[str, dict]]]:
+    with client.stream("GET", "/text/generate/stream", params=params) as response:
+        return response, list(
+            iter_events(response)
+        ) if response.status_code == 200 else response.read()
+
+
+def reply_text(events: list[tuple[str, dict]]) -> str:
+    return "".join(data["content"] for name, data in events if name == "message")
+
+
+def wait_for(check: Callable[[], object], seconds: float = 10) -> object:
+    deadline = time.monotonic() + seconds
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting")
+        time.sleep(0.05)
+    return result
+
+
+def finished_turn(client: httpx.Client, message_id: int) -> Callable[[], dict | None]:
+    def check() -> dict | None:
+        message = client.get(f"/messages/{message_id}").json()
+        return message if message["is_success"] is not None else None
+
+    return check
+
+
+def new_conversation(client: httpx.Client, **fields: str) -> dict:
+    response = client.post("/conversations", json={"title": "A chat", **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def model(label: str) -> str:
+    """A model_type no other test uses, so list filters see only this test's conversations."""
+    return f"{label}-{uuid.uuid4().hex[:8]}"
+
+
+# Conversations ---------------------------------------------------------------------------
+
+
+def test_creating_a_conversation_trims_the_title_and_uses_the_default_model(
+    client: httpx.Client,
+) -> None:
+    response = client.post("/conversations", json={"title": "  Trip to Lisbon  "})
+    assert response.status_code == 201
+    conversation = response.json()
+    assert conversation["title"] == "Trip to Lisbon"
+    assert conversation["model_type"] == "echo"
+    assert set(conversation) == {
+        "id",
+        "title",
+        "model_type",
+        "created_at",
+        "updated_at",
+    }
+
+
+def test_timestamps_carry_an_explicit_utc_offset(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    for stamp in (
+        conversation["created_at"],
+        client.get(f"/conversations/{conversation['id']}").json()["updated_at"],
+    ):
+        assert stamp.endswith(("Z", "+00:00"))
+
+
+def test_reading_a_conversation_returns_it(client: httpx.Client) -> None:
+    conversation = new_conversation(client, model_type="gpt-test")
+    assert client.get(f"/conversations/{conversation['id']}").json() == conversation
+
+
+def test_reading_an_unknown_conversation_is_404(client: httpx.Client) -> None:
+    response = client.get("/conversations/2000000000")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Conversation not found"}
+
+
+def test_list_shows_newest_activity_first(client: httpx.Client) -> None:
+    label = model("order")
+    first, second, third = (
+        new_conversation(client, model_type=label) for _ in range(3)
+    )
+    client.patch(f"/conversations/{first['id']}", json={"title": "touched"})
+    listed = client.get("/conversations", params={"model_type": label}).json()
+    assert [c["id"] for c in listed] == [first["id"], third["id"], second["id"]]
+
+
+def test_list_pages_with_skip_and_take(client: httpx.Client) -> None:
+    label = model("paging")
+    ids = [new_conversation(client, model_type=label)["id"] for _ in range(5)]
+    page = client.get(
+        "/conversations", params={"model_type": label, "skip": 1, "take": 2}
+    ).json()
+    assert [c["id"] for c in page] == [ids[3], ids[2]]
+
+
+def test_list_filters_by_model_type_exactly(client: httpx.Client) -> None:
+    label = model("filter")
+    wanted = new_conversation(client, model_type=label)
+    new_conversation(client, model_type=label + "-other")
+    assert client.get("/conversations", params={"model_type": label}).json() == [wanted]
+
+
+def test_list_without_a_model_type_filter_shows_every_model(
+    client: httpx.Client,
+) -> None:
+    newest = [new_conversation(client, model_type=model(m))["id"] for m in ("a", "b")]
+    for params in ({}, {"model_type": ""}):
+        assert [
+            c["id"]
+            for c in client.get("/conversations", params={**params, "take": 2}).json()
+        ] == newest[::-1]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"take": 0}, {"take": 101}, {"skip": -1}, {"take": "ten"}, {"skip": 2**40}],
+)
+def test_list_rejects_paging_out_of_bounds(client: httpx.Client, params: dict) -> None:
+    response = client.get("/conversations", params=params)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+def test_put_replaces_the_conversation_and_moves_only_updated_at(
+    client: httpx.Client,
+) -> None:
+    before = new_conversation(client)
+    response = client.put(
+        f"/conversations/{before['id']}", json={"title": "New", "model_type": "gpt-x"}
+    )
+    assert response.status_code == 202
+    after = response.json()
+    assert (after["title"], after["model_type"]) == ("New", "gpt-x")
+    assert after["created_at"] == before["created_at"]
+    assert after["updated_at"] > before["updated_at"]
+    assert client.get(f"/conversations/{before['id']}").json() == after
+
+
+def test_put_needs_every_field(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    response = client.put(
+        f"/conversations/{conversation['id']}", json={"title": "Only a title"}
+    )
+    assert response.status_code == 422
+    assert client.get(f"/conversations/{conversation['id']}").json() == conversation
+
+
+def test_patch_changes_only_the_fields_sent(client: httpx.Client) -> None:
+    before = new_conversation(client, model_type="keep-me")
+    response = client.patch(f"/conversations/{before['id']}", json={"title": "Renamed"})
+    assert response.status_code == 200
+    after = response.json()
+    assert (after["title"], after["model_type"]) == ("Renamed", "keep-me")
+    assert after["updated_at"] > before["updated_at"]
+    assert after["created_at"] == before["created_at"]
+
+
+@pytest.mark.parametrize(
+    "body", [{"title": None}, {"model_type": None}, {"title": "   "}]
+)
+def test_patch_cannot_blank_a_field(client: httpx.Client, body: dict) -> None:
+    conversation = new_conversation(client)
+    assert (
+        client.patch(f"/conversations/{conversation['id']}", json=body).status_code
+        == 422
+    )
+    assert client.get(f"/conversations/{conversation['id']}").json() == conversation
+
+
+def test_deleting_a_conversation_deletes_its_messages(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    message = client.post(
+        f"/conversations/{conversation['id']}/messages",
+        json={"prompt_content": "q", "response_content": "a"},
+    ).json()
+    response = client.delete(f"/conversations/{conversation['id']}")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert client.get(f"/messages/{message['id']}").status_code == 404
+    assert client.delete(f"/conversations/{conversation['id']}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "title",
+    [
+        "",
+        "   ",
+        "x" * 201,
+        42,
+        None,
+        ["a list"],
+        "nul \x00 inside",
+        "lone \ud800 surrogate",
+    ],
+    ids=[
+        "empty",
+        "whitespace",
+        "201-chars",
+        "number",
+        "null",
+        "list",
+        "nul",
+        "surrogate",
+    ],
+)
+def test_bad_titles_are_rejected_and_change_nothing(
+    client: httpx.Client, title: object
+) -> None:
+    conversation = new_conversation(client)
+    body = json.dumps(
+        {"title": title, "model_type": "echo"}
+    )  # json.dumps keeps a lone surrogate as \ud800
+    for method in ("POST", "PUT"):
+        url = (
+            "/conversations"
+            if method == "POST"
+            else f"/conversations/{conversation['id']}"
+        )
+        response = client.request(
+            method, url, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"]
+    assert client.get(f"/conversations/{conversation['id']}").json() == conversation
+
+
+def test_a_title_of_200_characters_after_trimming_is_accepted(
+    client: httpx.Client,
+) -> None:
+    response = client.post("/conversations", json={"title": "  " + "x" * 200 + "  "})
+    assert response.status_code == 201
+    assert response.json()["title"] == "x" * 200
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b'["a", "list"]', b'{"title": "unclosed', b""],
+    ids=["text", "array", "truncated", "empty"],
+)
+def test_malformed_bodies_are_rejected(client: httpx.Client, content: bytes) -> None:
+    response = client.post(
+        "/conversations", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/conversations/abc",
+        "/conversations/1.5",
+        "/conversations/99999999999",
+        "/messages/-1",
+    ],
+)
+def test_ids_that_are_not_small_positive_integers_are_rejected(
+    client: httpx.Client, path: str
+) -> None:
+    for method in ("GET", "DELETE"):
+        response = client.request(method, path)
+        assert response.status_code == 422
+        assert response.json()["detail"]
+
+
+def test_a_nul_in_the_model_type_filter_is_rejected(client: httpx.Client) -> None:
+    assert (
+        client.get("/conversations", params={"model_type": "a\x00b"}).status_code == 422
+    )
+
+
+def test_quotes_and_semicolons_in_titles_are_stored_as_given(
+    client: httpx.Client,
+) -> None:
+    title = 'Robert\'); DROP TABLE conversations;-- "quoted" `tick` 😀'
+    conversation = new_conversation(client, title=title)
+    assert client.get(f"/conversations/{conversation['id']}").json()["title"] == title
+
+
+# Messages --------------------------------------------------------------------------------
+
+
+def add_message(client: httpx.Client, conversation_id: int, **fields: object) -> dict:
+    body = {"prompt_content": "question", "response_content": "answer", **fields}
+    response = client.post(f"/conversations/{conversation_id}/messages", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_a_message_is_stored_as_given(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    fields = {
+        "prompt_tokens": 3,
+        "response_tokens": 5,
+        "total_tokens": 8,
+        "is_success": True,
+        "status_code": 200,
+    }
+    message = add_message(client, conversation["id"], **fields)
+    assert message == client.get(f"/messages/{message['id']}").json()
+    assert message["conversation_id"] == conversation["id"]
+    assert {key: message[key] for key in fields} == fields
+    assert (message["prompt_content"], message["response_content"]) == (
+        "question",
+        "answer",
+    )
+
+
+def test_optional_message_fields_default_to_null(client: httpx.Client) -> None:
+    message = add_message(client, new_conversation(client)["id"])
+    for key in (
+        "prompt_tokens",
+        "response_tokens",
+        "total_tokens",
+        "is_success",
+        "status_code",
+    ):
+        assert message[key] is None
+
+
+def test_a_new_message_moves_its_conversations_updated_at(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    add_message(client, conversation["id"])
+    assert (
+        client.get(f"/conversations/{conversation['id']}").json()["updated_at"]
+        > conversation["updated_at"]
+    )
+
+
+def test_messages_list_oldest_first_in_pages(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    ids = [
+        add_message(client, conversation["id"], prompt_content=f"q{i}")["id"]
+        for i in range(5)
+    ]
+    url = f"/conversations/{conversation['id']}/messages"
+    assert [m["id"] for m in client.get(url).json()] == ids
+    assert [
+        m["id"] for m in client.get(url, params={"skip": 3, "take": 2}).json()
+    ] == ids[3:]
+
+
+@pytest.mark.parametrize("params", [{"take": 0}, {"take": 101}, {"skip": -1}])
+def test_messages_list_rejects_paging_out_of_bounds(
+    client: httpx.Client, params: dict
+) -> None:
+    conversation = new_conversation(client)
+    assert (
+        client.get(
+            f"/conversations/{conversation['id']}/messages", params=params
+        ).status_code
+        == 422
+    )
+
+
+def test_messages_of_an_unknown_conversation_are_404(client: httpx.Client) -> None:
+    assert client.get("/conversations/2000000000/messages").json() == {
+        "detail": "Conversation not found"
+    }
+    response = client.post(
+        "/conversations/2000000000/messages",
+        json={"prompt_content": "q", "response_content": "a"},
+    )
+    assert response.status_code == 404
+
+
+def test_reading_an_unknown_message_is_404(client: httpx.Client) -> None:
+    response = client.get("/messages/2000000000")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Message not found"}
+
+
+def test_put_replaces_a_message_and_moves_its_conversations_updated_at(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    message = add_message(client, conversation["id"], is_success=True)
+    touched = client.get(f"/conversations/{conversation['id']}").json()["updated_at"]
+    response = client.put(
+        f"/messages/{message['id']}",
+        json={"prompt_content": "q2", "response_content": "a2"},
+    )
+    assert response.status_code == 202
+    replaced = response.json()
+    assert (
+        replaced["prompt_content"],
+        replaced["response_content"],
+        replaced["is_success"],
+    ) == ("q2", "a2", None)
+    assert replaced["created_at"] == message["created_at"]
+    assert replaced["updated_at"] > message["updated_at"]
+    assert (
+        client.get(f"/conversations/{conversation['id']}").json()["updated_at"]
+        > touched
+    )
+
+
+def test_deleting_a_message_removes_it_and_moves_its_conversations_updated_at(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    message = add_message(client, conversation["id"])
+    touched = client.get(f"/conversations/{conversation['id']}").json()["updated_at"]
+    assert client.delete(f"/messages/{message['id']}").status_code == 204
+    assert client.get(f"/messages/{message['id']}").status_code == 404
+    assert client.delete(f"/messages/{message['id']}").status_code == 404
+    assert (
+        client.get(f"/conversations/{conversation['id']}").json()["updated_at"]
+        > touched
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt_content": None},
+        {"prompt_content": 5},
+        {"response_content": "nul \x00"},
+        {"prompt_content": "lone \udfff"},
+        {"prompt_tokens": -1},
+        {"total_tokens": 2**31},
+        {"is_success": "maybe"},
+        {"status_code": 1000},
+    ],
+    ids=[
+        "null",
+        "number",
+        "nul",
+        "surrogate",
+        "negative-count",
+        "huge-count",
+        "not-bool",
+        "bad-status",
+    ],
+)
+def test_bad_message_fields_are_rejected_and_change_nothing(
+    client: httpx.Client, fields: dict
+) -> None:
+    conversation = new_conversation(client)
+    message = add_message(client, conversation["id"])
+    body = json.dumps({"prompt_content": "q", "response_content": "a", **fields})
+    headers = {"Content-Type": "application/json"}
+    for method, url in (
+        ("POST", f"/conversations/{conversation['id']}/messages"),
+        ("PUT", f"/messages/{message['id']}"),
+    ):
+        response = client.request(method, url, content=body, headers=headers)
+        assert response.status_code == 422, response.text
+    assert client.get(f"/conversations/{conversation['id']}/messages").json() == [
+        message
+    ]
+    assert (
+        client.get(f"/conversations/{conversation['id']}").json()["updated_at"]
+        == message["created_at"]
+    )
+
+
+def test_long_texts_round_trip_byte_for_byte(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    prompt = (
+        "ünïcødé 😀 'quotes'; \"double\" \\ back\nslash\r\n\t" * 4000
+    )  # over 200 kB
+    reply = "".join(chr(0x20 + i % 0x2FF0) for i in range(200_000))
+    message = add_message(
+        client, conversation["id"], prompt_content=prompt, response_content=reply
+    )
+    stored = client.get(f"/messages/{message['id']}").json()
+    assert (stored["prompt_content"], stored["response_content"]) == (prompt, reply)
+
+
+# The service -----------------------------------------------------------------------------
+
+
+def test_health_says_ok(client: httpx.Client) -> None:
+    response = client.get("/health")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+def test_the_app_starts_with_no_configuration_on_a_sqlite_file_in_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    process, log = launch(["--port", str(port)], {}, tmp_path)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        conversation = httpx.post(
+            f"http://127.0.0.1:{port}/conversations", json={"title": "hi"}
+        ).json()
+        assert conversation["model_type"] == "echo"
+        assert (tmp_path / "chat.db").exists()
+    finally:
+        stop(process)
+
+
+def test_migrations_upgrade_check_and_downgrade_from_the_command_line(
+    database: Database, tmp_path: Path
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in SETTINGS},
+        "DATABASE_URL": database.url,
+    }
+    for args in (
+        ["upgrade", "head"],
+        ["check"],
+        ["downgrade", "base"],
+        ["upgrade", "head"],
+        ["check"],
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "alembic",
+                "-c",
+                str(PROJECT / "alembic.ini"),
+                *args,
+            ],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+
+
+API_KEY = "s3cret-test-key-7f3a"
+
+
+@pytest.fixture(scope="module")
+def guarded(start_app: Callable[..., Server]) -> Server:
+    return start_app(API_KEY=API_KEY)
+
+
+def every_operation(openapi: dict) -> Iterator[tuple[str, str]]:
+    for path, operations in openapi["paths"].items():
+        for method in operations:
+            yield (
+                method.upper(),
+                path.replace("{conversation_id}", "1").replace("{message_id}", "1"),
+            )
+
+
+def test_with_an_api_key_every_endpoint_but_health_and_docs_needs_the_bearer_token(
+    guarded: Server,
+) -> None:
+    with httpx.Client(base_url=guarded.url, timeout=10) as client:
+        openapi = client.get("/openapi.json")
+        assert openapi.status_code == 200
+        assert client.get("/docs").status_code == 200
+        assert client.get("/health").status_code == 200
+        operations = [
+            op for op in every_operation(openapi.json()) if op[1] != "/health"
+        ]
+        assert len(operations) >= 12
+        for method, path in operations:
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": API_KEY},
+            ):
+                response = client.request(
+                    method, path, headers=headers, params={"prompt": "hi"}
+                )
+                assert response.status_code == 401, (method, path, headers)
+                assert response.json()["detail"]
+        ok = client.get(
+            "/conversations", headers={"Authorization": f"Bearer {API_KEY}"}
+        )
+        assert ok.status_code == 200
+
+
+def test_a_rejected_stream_stores_nothing(
+    guarded: Server, client: httpx.Client
+) -> None:
+    before = client.get("/conversations", params={"take": 1}).json()
+    with httpx.Client(base_url=guarded.url, timeout=10) as unauthorized:
+        response, _ = generate(unauthorized, prompt="hello")
+    assert response.status_code == 401
+    assert client.get("/conversations", params={"take": 1}).json() == before
+
+
+def test_the_api_key_appears_neither_in_the_openapi_document_nor_in_the_logs(
+    guarded: Server,
+) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    openapi = httpx.get(f"{guarded.url}/openapi.json").text
+    httpx.post(f"{guarded.url}/conversations", json={"title": "x"}, headers=headers)
+    httpx.get(
+        f"{guarded.url}/conversations", headers={"Authorization": "Bearer not-it"}
+    )
+    assert API_KEY not in openapi
+    assert API_KEY not in guarded.output()
+
+
+@pytest.fixture
+def postgres_outage(database: Database) -> Iterator[Callable[[bool], None]]:
+    """Call with True to make the module's Postgres database refuse and drop connections, False to end it."""
+    if database.url.startswith("sqlite"):
+        pytest.skip("a SQLite file has no server that can go away")
+    with postgres_admin() as admin:
+
+        def outage(on: bool) -> None:
+            admin.execute(
+                f'ALTER DATABASE "{database.name}" ALLOW_CONNECTIONS {"false" if on else "true"}'
+            )
+            if on:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    [database.name],
+                )
+
+        try:
+            yield outage
+        finally:
+            outage(False)
+
+
+def test_while_the_database_is_down_every_endpoint_answers_503_quickly_then_recovers(
+    postgres_outage: Callable[[bool], None], client: httpx.Client
+) -> None:
+    conversation = new_conversation(client)
+    requests = [
+        ("GET", "/health", None),
+        ("GET", "/conversations", None),
+        ("GET", f"/conversations/{conversation['id']}", None),
+        ("POST", "/conversations", {"title": "x"}),
+        ("PATCH", f"/conversations/{conversation['id']}", {"title": "y"}),
+        ("GET", "/text/generate/stream?prompt=hi", None),
+    ]
+    postgres_outage(True)
+    for method, path, body in requests:
+        started = time.monotonic()
+        response = client.request(method, path, json=body)
+        assert (response.status_code, response.json()) == (
+            503,
+            {"detail": "Database unavailable"},
+        ), (method, path)
+        assert time.monotonic() - started < 6
+    postgres_outage(False)
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get(f"/conversations/{conversation['id']}").json() == conversation
+
+
+def test_three_workers_start_together_on_an_empty_postgres_database(
+    tmp_path: Path,
+) -> None:
+    with postgres_admin() as admin:
+        name = f"chat_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(POSTGRES_URL).set(database=name).render_as_string(False)
+        process, log = launch(
+            ["--port", str(free_port()), "--workers", "3"],
+            {"DATABASE_URL": url},
+            tmp_path,
+        )
+        try:
+            wait_for(
+                lambda: (
+                    log.read_text().count("Application startup complete") == 3
+                    or process.poll()
+                ),
+                60,
+            )
+            assert log.read_text().count("Application startup complete") == 3, (
+                log.read_text()
+            )
+            assert "Traceback" not in log.read_text()
+        finally:
+            stop(process)
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
