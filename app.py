@@ -221,7 +221,10 @@ def chat_messages(prompt: str, history: list[Message]) -> list[dict]:
 
 def short_title(text: str) -> str:
     """One line of at most 60 characters; the prompt's own words serve until the LLM's title is in."""
-    line = " ".join(text.split()).strip("\"'` ")
+    storable = (
+        text.replace("\x00", "").encode(errors="ignore").decode()
+    )  # from an LLM, anything
+    line = " ".join(storable.split()).strip("\"'` ")
     return textwrap.shorten(line, width=60, placeholder="...") or "New conversation"
 
 
@@ -591,6 +594,7 @@ async def finish_turn(
     turn: Turn, reply: Reply, status_code: int, session: AsyncSession
 ) -> bool:
     """Store the turn's final state; runs even while the request is being cancelled."""
+    message_id = turn.message.id  # after a failed commit the session would reload it
     turn.message.sqlmodel_update(
         {
             "response_content": "".join(reply.pieces),
@@ -608,7 +612,7 @@ async def finish_turn(
             await session.commit()
             return True
         except Exception:
-            logger.exception("Could not store the end of turn %s", turn.message.id)
+            logger.exception("Could not store the end of turn %s", message_id)
     return False
 
 
@@ -673,18 +677,12 @@ async def write_title(
                         col(Conversation.id) == conversation_id,
                         col(Conversation.title) == placeholder,
                     )
-                    .values(title=storable_title(title))
+                    .values(title=title)
                 )
                 await session.exec(renamed)
                 await session.commit()
-        except Exception:
-            logger.warning(
-                "No title for conversation %s", conversation_id, exc_info=True
-            )
-
-
-def storable_title(title: str) -> str:
-    return title.replace("\x00", "").encode(errors="ignore").decode()
+        except Exception:  # the conversation keeps its placeholder title
+            logger.exception("No title for conversation %s", conversation_id)
 
 
 @asynccontextmanager

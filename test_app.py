@@ -9,6 +9,7 @@ run themselves; its model name scripts the reply, e.g. `fake:pieces=5:gap_ms=100
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,31 +51,28 @@ fake_llm.state.requests = []
 
 
 def script(model: str) -> dict:
-    """fake:pieces=3:first_ms=0:gap_ms=0:fail=0:abort=-1:hang=0:usage=1:finish=stop"""
-    options = {
-        "pieces": "3",
-        "first_ms": "0",
-        "gap_ms": "0",
-        "fail": "0",
-        "abort": "-1",
-        "hang": "0",
-    }
-    options |= {"usage": "1", "finish": "stop"}
-    options |= dict(part.split("=") for part in model.split(":")[1:])
-    return {
-        key: value if key == "finish" else int(value) for key, value in options.items()
-    }
+    """fake:pieces=3:first_ms=0:gap_ms=0:fail=0:title_fail=0:abort=-1:hang=0:usage=1:finish=stop
+
+    pieces are "w0 ", "w1 ", ...; fail answers that HTTP status, title_fail answers 500 to the
+    non-streaming (title) requests only, abort breaks the connection before piece N, hang never
+    answers, usage=0 never reports usage, finish=none ends without a finish_reason.
+    """
+    options = {"pieces": 3, "first_ms": 0, "gap_ms": 0, "fail": 0, "title_fail": 0}
+    options |= {"abort": -1, "hang": 0, "usage": 1, "finish": "stop"}
+    for part in model.split(":")[1:]:
+        key, value = part.split("=")
+        options[key] = value if key == "finish" else int(value)
+    return options
 
 
 def chunk(model: str, **fields: object) -> str:
-    body = {
-        "id": "chatcmpl-test",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": model,
-        **fields,
-    }
-    return f"data: {json.dumps(body)}\n\n"
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model}
+    return f"data: {json.dumps({**body, 'created': 0, **fields})}\n\n"
+
+
+def llm_error(status: int) -> JSONResponse:
+    error = {"message": f"scripted failure {status}", "type": "server_error"}
+    return JSONResponse({"error": error}, status_code=status)
 
 
 @fake_llm.post("/v1/chat/completions")
@@ -85,23 +83,20 @@ async def chat_completions(request: Request) -> object:
     if run["hang"]:
         await asyncio.sleep(3600)
     if run["fail"]:
-        error = {"message": f"scripted failure {run['fail']}", "type": "server_error"}
-        return JSONResponse({"error": error}, status_code=run["fail"])
+        return llm_error(run["fail"])
     words = [f"w{i} " for i in range(run["pieces"])]
-    usage = {
-        "prompt_tokens": 7,
-        "completion_tokens": len(words),
-        "total_tokens": 7 + len(words),
-    }
     if not body.get("stream"):
+        await asyncio.sleep(run["first_ms"] / 1000)
+        if run["title_fail"]:
+            return llm_error(500)
         message = {"role": "assistant", "content": "".join(words)}
-        choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
         return {
-            "id": "chatcmpl-test",
+            "id": "chatcmpl-1",
             "object": "chat.completion",
             "created": 0,
             "model": model,
-            "choices": choices,
+            "choices": [choice],
         }
 
     async def events() -> Iterator[str]:
@@ -123,7 +118,10 @@ async def chat_completions(request: Request) -> object:
                 choices=[{"index": 0, "delta": {}, "finish_reason": run["finish"]}],
             )
         if run["usage"] and body.get("stream_options", {}).get("include_usage"):
-            yield chunk(model, choices=[], usage=usage)
+            usage = {"prompt_tokens": 7, "completion_tokens": len(words)}
+            yield chunk(
+                model, choices=[], usage={**usage, "total_tokens": 7 + len(words)}
+            )
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -979,3 +977,460 @@ def test_three_workers_start_together_on_an_empty_postgres_database(
         finally:
             stop(process)
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+# Generation ------------------------------------------------------------------------------
+
+
+def test_echo_streams_the_prompt_word_by_word_and_stores_the_turn(
+    client: httpx.Client,
+) -> None:
+    response, events = generate(client, prompt="Hello there,  world!")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert [name for name, _ in events] == [
+        "start",
+        "message",
+        "message",
+        "message",
+        "done",
+    ]
+    start, done = events[0][1], events[-1][1]
+    assert int(response.headers["x-conversation-id"]) == start["conversation_id"]
+    assert reply_text(events) == "Hello there,  world!"
+    assert done == client.get(f"/messages/{start['message_id']}").json()
+    assert (done["is_success"], done["status_code"]) == (True, 200)
+    assert (done["prompt_tokens"], done["response_tokens"], done["total_tokens"]) == (
+        3,
+        3,
+        6,
+    )
+
+
+def test_a_stream_without_a_conversation_starts_one_with_the_default_model(
+    client: httpx.Client,
+) -> None:
+    _, events = generate(client, prompt="Plan a   trip\nto Lisbon")
+    conversation_id = events[0][1]["conversation_id"]
+    conversation = client.get(f"/conversations/{conversation_id}").json()
+    assert conversation["model_type"] == "echo"
+    assert conversation["title"] == "Plan a trip to Lisbon"
+    messages = client.get(f"/conversations/{conversation_id}/messages").json()
+    assert [m["id"] for m in messages] == [events[0][1]["message_id"]]
+
+
+def test_post_streams_like_get_into_an_existing_conversation(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    body = {"prompt": "one two", "conversation_id": conversation["id"]}
+    with client.stream("POST", "/text/generate/stream", json=body) as response:
+        events = list(iter_events(response))
+    assert response.headers["x-conversation-id"] == str(conversation["id"])
+    assert events[0] == (
+        "start",
+        {"conversation_id": conversation["id"], "message_id": events[-1][1]["id"]},
+    )
+    assert reply_text(events) == "one two"
+    assert events[-1][0] == "done"
+    touched = client.get(f"/conversations/{conversation['id']}").json()
+    assert touched["updated_at"] == events[-1][1]["updated_at"]
+
+
+def test_the_prompt_is_stored_before_the_start_event(client: httpx.Client) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=3:first_ms=1000")
+    params = {"prompt": "slow one", "conversation_id": conversation["id"]}
+    with client.stream("GET", "/text/generate/stream", params=params) as response:
+        events = iter_events(response)
+        name, start = next(events)
+        stored = client.get(f"/messages/{start['message_id']}").json()
+        assert name == "start"
+        assert (
+            stored["prompt_content"],
+            stored["is_success"],
+            stored["status_code"],
+        ) == ("slow one", None, None)
+        assert [name for name, _ in events][-1] == "done"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"prompt": ""},
+        {"prompt": "  \n\t "},
+        {},
+        {"prompt": "nul \x00"},
+        {"prompt": "hi", "conversation_id": "abc"},
+    ],
+    ids=["empty", "whitespace", "missing", "nul", "bad-conversation-id"],
+)
+def test_bad_stream_requests_are_422_before_any_byte_and_store_nothing(
+    client: httpx.Client, params: dict
+) -> None:
+    newest = client.get("/conversations", params={"take": 1}).json()
+    response, _ = generate(client, **params)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+    assert client.get("/conversations", params={"take": 1}).json() == newest
+
+
+def test_a_prompt_over_max_prompt_chars_is_422_and_stores_nothing(
+    start_app: Callable[..., Server],
+) -> None:
+    small = start_app(MAX_PROMPT_CHARS="10")
+    with httpx.Client(base_url=small.url, timeout=10) as client:
+        newest = client.get("/conversations", params={"take": 1}).json()
+        assert generate(client, prompt="x" * 11)[0].status_code == 422
+        response = client.post("/text/generate/stream", json={"prompt": "x" * 11})
+        assert response.status_code == 422
+        assert "MAX_PROMPT_CHARS" in response.text
+        assert client.get("/conversations", params={"take": 1}).json() == newest
+        assert generate(client, prompt="x" * 10)[0].status_code == 200
+
+
+def test_a_stream_into_an_unknown_conversation_is_404(client: httpx.Client) -> None:
+    response, _ = generate(client, prompt="hi", conversation_id=2000000000)
+    assert (response.status_code, response.json()) == (
+        404,
+        {"detail": "Conversation not found"},
+    )
+
+
+def test_a_model_reply_streams_and_is_stored_with_its_usage(
+    client: httpx.Client, llm_requests: list[dict]
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=4")
+    _, events = generate(
+        client, prompt="count to four", conversation_id=conversation["id"]
+    )
+    assert [data for name, data in events if name == "message"] == [
+        {"content": f"w{i} "} for i in range(4)
+    ]
+    done = events[-1][1]
+    assert events[-1][0] == "done"
+    assert (done["response_content"], done["is_success"], done["status_code"]) == (
+        "w0 w1 w2 w3 ",
+        True,
+        200,
+    )
+    assert (done["prompt_tokens"], done["response_tokens"], done["total_tokens"]) == (
+        7,
+        4,
+        11,
+    )
+    assert done == client.get(f"/messages/{done['id']}").json()
+    sent = llm_requests[-1]
+    assert (sent["model"], sent["stream"], sent["stream_options"]) == (
+        "fake:pieces=4",
+        True,
+        {"include_usage": True},
+    )
+    assert "max_tokens" not in sent
+
+
+def test_usage_the_model_does_not_report_is_stored_as_null(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=2:usage=0")
+    _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+    done = events[-1][1]
+    assert (
+        done["is_success"],
+        done["prompt_tokens"],
+        done["response_tokens"],
+        done["total_tokens"],
+    ) == (
+        True,
+        None,
+        None,
+        None,
+    )
+
+
+def test_a_reply_cut_at_the_token_limit_is_a_success(client: httpx.Client) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=2:finish=length")
+    _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+    assert events[-1][0] == "done"
+    assert events[-1][1]["is_success"] is True
+
+
+def test_history_is_the_system_prompt_then_the_last_successful_turns_then_the_prompt(
+    start_app: Callable[..., Server], llm_requests: list[dict]
+) -> None:
+    app = start_app(HISTORY_TURNS="2", SYSTEM_PROMPT="Be brief.", MAX_TOKENS="5")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        conversation = new_conversation(client, model_type="fake:pieces=1")
+        for i, success in enumerate([True, True, False, True, None]):
+            add_message(
+                client,
+                conversation["id"],
+                prompt_content=f"q{i}",
+                response_content=f"a{i}",
+                is_success=success,
+            )
+        generate(client, prompt="and now?", conversation_id=conversation["id"])
+    assert llm_requests[-1]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q3"},
+        {"role": "assistant", "content": "a3"},
+        {"role": "user", "content": "and now?"},
+    ]
+    assert llm_requests[-1]["max_tokens"] == 5
+
+
+def test_a_generated_reply_becomes_history_for_the_next_turn(
+    client: httpx.Client, llm_requests: list[dict]
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=2")
+    generate(client, prompt="first", conversation_id=conversation["id"])
+    generate(client, prompt="second", conversation_id=conversation["id"])
+    assert llm_requests[-1]["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "w0 w1 "},
+        {"role": "user", "content": "second"},
+    ]
+
+
+def test_a_new_conversation_gets_the_llms_title_after_a_placeholder(
+    start_app: Callable[..., Server], llm_requests: list[dict]
+) -> None:
+    app = start_app(DEFAULT_MODEL="fake:pieces=3:first_ms=700")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        with client.stream(
+            "GET", "/text/generate/stream", params={"prompt": "Where is   Lisbon?"}
+        ) as response:
+            events = iter_events(response)
+            conversation_id = next(events)[1]["conversation_id"]
+            url = f"/conversations/{conversation_id}"
+            assert client.get(url).json()["title"] == "Where is Lisbon?"
+            assert [name for name, _ in events][-1] == "done"
+        wait_for(lambda: client.get(url).json()["title"] == "w0 w1 w2")
+    title_request = next(r for r in llm_requests if not r.get("stream"))
+    assert title_request["messages"][-1] == {
+        "role": "user",
+        "content": "Where is   Lisbon?",
+    }
+
+
+def test_a_failed_title_call_keeps_the_placeholder_and_the_reply(
+    start_app: Callable[..., Server], llm_requests: list[dict]
+) -> None:
+    app = start_app(DEFAULT_MODEL="fake:pieces=2:title_fail=1")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        _, events = generate(client, prompt="Name this chat")
+        wait_for(lambda: any(not r.get("stream") for r in llm_requests))
+        time.sleep(0.3)
+        conversation = client.get(
+            f"/conversations/{events[0][1]['conversation_id']}"
+        ).json()
+        assert conversation["title"] == "Name this chat"
+        assert events[-1][0] == "done"
+        assert client.get("/health").status_code == 200
+
+
+def error_event(events: list[tuple[str, dict]]) -> dict:
+    name, data = events[-1]
+    assert name == "error"
+    assert set(data) == {"detail", "status_code"}
+    return data
+
+
+@pytest.mark.parametrize("status", [429, 500, 401])
+def test_an_upstream_error_status_ends_the_turn_with_that_status(
+    client: httpx.Client, status: int
+) -> None:
+    conversation = new_conversation(client, model_type=f"fake:fail={status}")
+    _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+    assert error_event(events)["status_code"] == status
+    stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
+    assert (
+        stored["is_success"],
+        stored["status_code"],
+        stored["response_content"],
+    ) == (False, status, "")
+
+
+def test_a_reply_that_breaks_off_is_502_with_the_partial_reply_stored(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=5:abort=2")
+    _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+    assert reply_text(events) == "w0 w1 "
+    assert error_event(events)["status_code"] == 502
+    stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
+    assert (
+        stored["is_success"],
+        stored["status_code"],
+        stored["response_content"],
+    ) == (False, 502, "w0 w1 ")
+
+
+@pytest.mark.parametrize(
+    "model_type",
+    ["fake:pieces=2:finish=none", "fake:pieces=0:finish=none:usage=0"],
+    ids=["partial", "empty"],
+)
+def test_a_reply_that_ends_without_a_finish_reason_is_502(
+    client: httpx.Client, model_type: str
+) -> None:
+    conversation = new_conversation(client, model_type=model_type)
+    _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+    assert error_event(events)["status_code"] == 502
+    stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
+    assert (
+        stored["is_success"],
+        stored["status_code"],
+        stored["response_content"],
+    ) == (
+        False,
+        502,
+        reply_text(events),
+    )
+
+
+def test_an_unreachable_upstream_is_502(start_app: Callable[..., Server]) -> None:
+    app = start_app(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        conversation = new_conversation(client, model_type="gpt-test")
+        _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+        assert error_event(events)["status_code"] == 502
+        assert (
+            client.get(f"/messages/{events[0][1]['message_id']}").json()["status_code"]
+            == 502
+        )
+
+
+@pytest.mark.parametrize(
+    "model_type", ["fake:hang=1", "fake:pieces=3:gap_ms=3000"], ids=["silent", "stalls"]
+)
+def test_an_upstream_silent_for_openai_timeout_is_504(
+    start_app: Callable[..., Server], model_type: str
+) -> None:
+    app = start_app(OPENAI_TIMEOUT="1")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        conversation = new_conversation(client, model_type=model_type)
+        started = time.monotonic()
+        _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+        assert time.monotonic() - started < 2.5
+        assert error_event(events)["status_code"] == 504
+        stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
+        assert (
+            stored["is_success"],
+            stored["status_code"],
+            stored["response_content"],
+        ) == (
+            False,
+            504,
+            reply_text(events),
+        )
+
+
+def test_a_client_that_goes_away_mid_stream_leaves_a_499_turn_with_the_partial_reply(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=50:gap_ms=100")
+    params = {"prompt": "long one", "conversation_id": conversation["id"]}
+    with client.stream("GET", "/text/generate/stream", params=params) as response:
+        events = iter_events(response)
+        message_id = next(events)[1]["message_id"]
+        received = "".join(next(events)[1]["content"] for _ in range(3))
+    stored = wait_for(finished_turn(client, message_id))
+    assert (stored["is_success"], stored["status_code"]) == (False, 499)
+    assert stored["response_content"].startswith(received)
+    assert "w49" not in stored["response_content"]
+
+
+def test_sigterm_mid_stream_stores_503_tells_the_client_and_exits_quickly(
+    start_app: Callable[..., Server], client: httpx.Client
+) -> None:
+    doomed = start_app()
+    conversation = new_conversation(client, model_type="fake:pieces=100:gap_ms=100")
+    params = {"prompt": "long one", "conversation_id": conversation["id"]}
+    with httpx.stream(
+        "GET", f"{doomed.url}/text/generate/stream", params=params, timeout=10
+    ) as response:
+        events = iter_events(response)
+        message_id = next(events)[1]["message_id"]
+        pieces = [next(events)[1]["content"] for _ in range(2)]
+        doomed.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        rest = list(events)
+    assert error_event(rest)["status_code"] == 503
+    doomed.process.wait(5)
+    assert time.monotonic() - started < 5
+    stored = client.get(f"/messages/{message_id}").json()
+    assert (stored["is_success"], stored["status_code"]) == (False, 503)
+    assert stored["response_content"] == "".join(pieces) + reply_text(rest)
+
+
+def test_after_sigkill_mid_stream_the_prompt_survives_and_the_app_starts_again(
+    start_app: Callable[..., Server], client: httpx.Client
+) -> None:
+    killed = start_app()
+    conversation = new_conversation(client, model_type="fake:pieces=100:gap_ms=100")
+    params = {"prompt": "long one", "conversation_id": conversation["id"]}
+    with httpx.stream(
+        "GET", f"{killed.url}/text/generate/stream", params=params, timeout=10
+    ) as response:
+        message_id = next(iter_events(response))[1]["message_id"]
+        killed.process.kill()
+        killed.process.wait(5)
+    stored = client.get(f"/messages/{message_id}").json()
+    assert (stored["prompt_content"], stored["is_success"]) == ("long one", None)
+    again = start_app()
+    assert httpx.get(f"{again.url}/health").json() == {"status": "ok"}
+
+
+def test_forty_streams_run_at_once_on_the_default_pool_and_are_all_stored(
+    server: Server, client: httpx.Client
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=10:gap_ms=200")
+    params = {"prompt": "together", "conversation_id": conversation["id"]}
+
+    async def one_stream(http: httpx.AsyncClient) -> tuple[float, float, list[str]]:
+        async with http.stream(
+            "GET", "/text/generate/stream", params=params
+        ) as response:
+            lines = response.aiter_lines()
+            names = [await anext(lines)]  # event: start
+            started = time.monotonic()
+            names += [line async for line in lines if line.startswith("event:")]
+            return started, time.monotonic(), names
+
+    async def forty_streams() -> list[tuple[float, float, list[str]]]:
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=30, limits=limits
+        ) as http:
+            return await asyncio.gather(*(one_stream(http) for _ in range(40)))
+
+    results = asyncio.run(forty_streams())
+    assert all(names == ["event: start", "event: done"] for _, _, names in results)
+    # Every stream had started before the first one ended: none waited for a connection.
+    assert max(started for started, _, _ in results) < min(
+        ended for _, ended, _ in results
+    )
+    stored = client.get(f"/conversations/{conversation['id']}/messages").json()
+    assert len(stored) == 40
+    assert all(
+        m["is_success"] and m["response_content"].endswith("w9 ") for m in stored
+    )
+
+
+def test_a_database_failure_while_finishing_a_turn_is_reported_and_the_app_carries_on(
+    postgres_outage: Callable[[bool], None], client: httpx.Client
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=6:gap_ms=200")
+    params = {"prompt": "unlucky", "conversation_id": conversation["id"]}
+    with client.stream("GET", "/text/generate/stream", params=params) as response:
+        events = iter_events(response)
+        message_id = next(events)[1]["message_id"]
+        postgres_outage(True)
+        rest = list(events)
+    postgres_outage(False)
+    assert error_event(rest)["status_code"] == 503
+    assert client.get("/health").json() == {"status": "ok"}
+    stored = client.get(f"/messages/{message_id}").json()
+    assert (stored["prompt_content"], stored["is_success"]) == ("unlucky", None)
