@@ -107,12 +107,10 @@ if is_sqlite:
     @event.listens_for(engine.sync_engine, "connect")
     def configure_sqlite(dbapi_connection: Any, _: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute(
-            "PRAGMA foreign_keys = ON"
-        )  # SQLite ignores ON DELETE CASCADE without it
-        cursor.execute(
-            "PRAGMA journal_mode = WAL"
-        )  # readers and the writer do not block each other
+        # Without it SQLite ignores ON DELETE CASCADE.
+        cursor.execute("PRAGMA foreign_keys = ON")
+        # Readers and the writer do not block each other.
+        cursor.execute("PRAGMA journal_mode = WAL")
         cursor.close()
 
 
@@ -127,21 +125,18 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 def migrate_to_head(connection: Any) -> None:
     config = AlembicConfig(FilePath(__file__).with_name("alembic.ini"))
-    config.attributes["connection"] = (
-        connection  # migrations/env.py runs on this connection
-    )
+    config.attributes["connection"] = connection  # migrations/env.py runs on it
     command.upgrade(config, "head")
 
 
 # Models ----------------------------------------------------------------------------------
 
 ECHO = "echo"
+openai_api_key = settings.openai_api_key
 llm = openai.AsyncOpenAI(
     base_url=settings.openai_base_url,
     # Local servers (Ollama, vLLM, llama.cpp) take any key, but the SDK insists on one.
-    api_key=settings.openai_api_key.get_secret_value()
-    if settings.openai_api_key
-    else "not-set",
+    api_key=openai_api_key.get_secret_value() if openai_api_key else "not-set",
     timeout=settings.openai_timeout,  # also the longest wait between two pieces of a reply
     max_retries=0,  # a retry would replay the turn; the caller sees the error and decides
 )
@@ -177,9 +172,8 @@ async def stream_llm(
     )
     async with stream:
         async for chunk in stream:
-            if (
-                chunk.usage
-            ):  # the extra last chunk; servers that ignore include_usage never send it
+            # Usage comes in an extra last chunk, from servers that honour include_usage.
+            if chunk.usage:
                 reply.prompt_tokens = chunk.usage.prompt_tokens
                 reply.response_tokens = chunk.usage.completion_tokens
                 reply.total_tokens = chunk.usage.total_tokens
@@ -221,9 +215,8 @@ def chat_messages(prompt: str, history: list[Message]) -> list[dict]:
 
 def short_title(text: str) -> str:
     """One line of at most 60 characters; the prompt's own words serve until the LLM's title is in."""
-    storable = (
-        text.replace("\x00", "").encode(errors="ignore").decode()
-    )  # from an LLM, anything
+    # An LLM may send anything, even NUL or half a surrogate pair.
+    storable = text.replace("\x00", "").encode(errors="ignore").decode()
     line = " ".join(storable.split()).strip("\"'` ")
     return textwrap.shorten(line, width=60, placeholder="...") or "New conversation"
 
@@ -270,9 +263,8 @@ def shutdown_signals_stop_live_work() -> Iterator[None]:
     loop = asyncio.get_running_loop()
 
     def handle(sig: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(
-            stop_live_work
-        )  # a signal handler may interrupt the loop anywhere
+        # A signal handler can interrupt the loop anywhere: run it from the loop instead.
+        loop.call_soon_threadsafe(stop_live_work)
         previous[sig](sig, frame)
 
     for sig in signals:
@@ -415,9 +407,7 @@ async def update_conversation(
 async def delete_conversation(
     conversation: ConversationDep, session: SessionDep
 ) -> None:
-    await session.delete(
-        conversation
-    )  # the database deletes its messages (ON DELETE CASCADE)
+    await session.delete(conversation)  # the database deletes its messages (CASCADE)
     await session.commit()
 
 
@@ -620,7 +610,7 @@ async def run_turn(
     turn: Turn, session: AsyncSession, send: MemoryObjectSendStream
 ) -> None:
     reply = Reply()
-    ended = None  # (status_code, detail) once the reply is over
+    status_code, detail = None, None
     async with send:
         try:
             with cancelled_on_shutdown(turn.stop):
@@ -629,27 +619,27 @@ async def run_turn(
                     "message_id": turn.message.id,
                 }
                 await send.send(ServerSentEvent(event="start", data=ids))
-                ended = await generate(turn, reply, send)
+                status_code, detail = await generate(turn, reply, send)
         finally:  # also when the request itself is cancelled
-            if ended is None:
-                ended = (
+            if status_code is None:
+                status_code, detail = (
                     (503, "The server is shutting down")
                     if stopping
                     else (499, "The client went away")
                 )
-            if not await finish_turn(turn, reply, ended[0], session):
-                ended = (503, "Database unavailable: the reply was not stored")
-        status_code, detail = ended
+            if not await finish_turn(turn, reply, status_code, session):
+                status_code, detail = (
+                    503,
+                    "Database unavailable: the reply was not stored",
+                )
         if status_code == 200:
-            final = ServerSentEvent(
-                event="done", data=MessagePublic.model_validate(turn.message)
-            )
+            final = MessagePublic.model_validate(turn.message)
+            event = ServerSentEvent(event="done", data=final)
         else:
-            final = ServerSentEvent(
-                event="error", data={"detail": detail, "status_code": status_code}
-            )
+            error = {"detail": detail, "status_code": status_code}
+            event = ServerSentEvent(event="error", data=error)
         try:
-            await send.send(final)
+            await send.send(event)
         except anyio.BrokenResourceError:
             pass  # nobody is listening any more
 
@@ -709,7 +699,8 @@ async def open_turn(
             try:
                 yield receive
             finally:
-                turn.stop.cancel()  # the response is over; if the reply is not, the client went away
+                # The response is over. If the reply is not, the client went away.
+                turn.stop.cancel()
 
 
 async def turn_from_query(
