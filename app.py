@@ -648,6 +648,8 @@ async def run_turn(
                 await send.send(ServerSentEvent(event="start", data=ids))
                 status_code, detail = await generate(turn, reply, send)
         finally:  # also when the request itself is cancelled
+            if turn.opening:
+                turn.opening.cancel()  # in case the reply was stopped before it opened
             if status_code is None:
                 status_code, detail = (
                     (503, "The server is shutting down")
@@ -671,31 +673,27 @@ async def run_turn(
             pass  # nobody is listening any more
 
 
+TITLE_INSTRUCTION = "Reply with only a short title, at most six words, for a chat that starts with this."
+
+
 async def write_title(
     conversation_id: int, placeholder: str, model: str, prompt: str
 ) -> None:
     """Give a new conversation an LLM-written title, unless the user renamed it meanwhile."""
-    instruction = "Reply with only a short title (at most six words) for a chat that starts with this message."
+    messages = [
+        {"role": "system", "content": TITLE_INSTRUCTION},
+        {"role": "user", "content": prompt},
+    ]
     with cancelled_on_shutdown(anyio.CancelScope()):
         try:
-            title = short_title(
-                await complete(
-                    model,
-                    [
-                        {"role": "system", "content": instruction},
-                        {"role": "user", "content": prompt},
-                    ],
-                )
+            title = short_title(await complete(model, messages))
+            renamed = (
+                update(Conversation)
+                .where(col(Conversation.id) == conversation_id)
+                .where(col(Conversation.title) == placeholder)
+                .values(title=title)
             )
             async with AsyncSession(engine) as session:
-                renamed = (
-                    update(Conversation)
-                    .where(
-                        col(Conversation.id) == conversation_id,
-                        col(Conversation.title) == placeholder,
-                    )
-                    .values(title=title)
-                )
                 await session.exec(renamed)
                 await session.commit()
         except Exception:  # the conversation keeps its placeholder title
