@@ -515,9 +515,8 @@ def test_bad_titles_are_rejected_and_change_nothing(
     client: httpx.Client, title: object
 ) -> None:
     conversation = new_conversation(client)
-    body = json.dumps(
-        {"title": title, "model_type": "echo"}
-    )  # json.dumps keeps a lone surrogate as \ud800
+    # httpx would refuse to encode a lone surrogate; json.dumps writes it as \ud800.
+    body = json.dumps({"title": title, "model_type": "echo"})
     for method in ("POST", "PUT"):
         url = (
             "/conversations"
@@ -765,9 +764,8 @@ def test_bad_message_fields_are_rejected_and_change_nothing(
 
 def test_long_texts_round_trip_byte_for_byte(client: httpx.Client) -> None:
     conversation = new_conversation(client)
-    prompt = (
-        "ünïcødé 😀 'quotes'; \"double\" \\ back\nslash\r\n\t" * 4000
-    )  # over 200 kB
+    # Over 200 kB each, with quotes, backslashes, line ends and characters of every width.
+    prompt = "ünïcødé 😀 'quotes'; \"double\" \\ back\nslash\r\n\t" * 4000
     reply = "".join(chr(0x20 + i % 0x2FF0) for i in range(200_000))
     message = add_message(
         client, conversation["id"], prompt_content=prompt, response_content=reply
@@ -1327,30 +1325,32 @@ def test_an_upstream_silent_for_openai_timeout_is_504(
         )
 
 
+@pytest.fixture
+def long_reply(client: httpx.Client) -> dict:
+    """Stream parameters for a turn whose reply takes ten seconds: 100 pieces, 100 ms apart."""
+    conversation = new_conversation(client, model_type="fake:pieces=100:gap_ms=100")
+    return {"prompt": "long one", "conversation_id": conversation["id"]}
+
+
 def test_a_client_that_goes_away_mid_stream_leaves_a_499_turn_with_the_partial_reply(
-    client: httpx.Client,
+    client: httpx.Client, long_reply: dict
 ) -> None:
-    conversation = new_conversation(client, model_type="fake:pieces=50:gap_ms=100")
-    params = {"prompt": "long one", "conversation_id": conversation["id"]}
-    with client.stream("GET", "/text/generate/stream", params=params) as response:
+    with client.stream("GET", "/text/generate/stream", params=long_reply) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
         received = "".join(next(events)[1]["content"] for _ in range(3))
     stored = wait_for(finished_turn(client, message_id))
     assert (stored["is_success"], stored["status_code"]) == (False, 499)
     assert stored["response_content"].startswith(received)
-    assert "w49" not in stored["response_content"]
+    assert "w99" not in stored["response_content"]
 
 
 def test_sigterm_mid_stream_stores_503_tells_the_client_and_exits_quickly(
-    start_app: Callable[..., Server], client: httpx.Client
+    start_app: Callable[..., Server], client: httpx.Client, long_reply: dict
 ) -> None:
     doomed = start_app()
-    conversation = new_conversation(client, model_type="fake:pieces=100:gap_ms=100")
-    params = {"prompt": "long one", "conversation_id": conversation["id"]}
-    with httpx.stream(
-        "GET", f"{doomed.url}/text/generate/stream", params=params, timeout=10
-    ) as response:
+    url = f"{doomed.url}/text/generate/stream"
+    with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
         pieces = [next(events)[1]["content"] for _ in range(2)]
@@ -1366,14 +1366,11 @@ def test_sigterm_mid_stream_stores_503_tells_the_client_and_exits_quickly(
 
 
 def test_after_sigkill_mid_stream_the_prompt_survives_and_the_app_starts_again(
-    start_app: Callable[..., Server], client: httpx.Client
+    start_app: Callable[..., Server], client: httpx.Client, long_reply: dict
 ) -> None:
     killed = start_app()
-    conversation = new_conversation(client, model_type="fake:pieces=100:gap_ms=100")
-    params = {"prompt": "long one", "conversation_id": conversation["id"]}
-    with httpx.stream(
-        "GET", f"{killed.url}/text/generate/stream", params=params, timeout=10
-    ) as response:
+    url = f"{killed.url}/text/generate/stream"
+    with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
         message_id = next(iter_events(response))[1]["message_id"]
         killed.process.kill()
         killed.process.wait(5)
