@@ -22,7 +22,16 @@ import openai
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from anyio.streams.memory import MemoryObjectSendStream
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Response
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -311,7 +320,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(title="Chat backend", lifespan=lifespan)
 
 
-async def database_unavailable(request: Any, error: Exception) -> JSONResponse:
+async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
     logger.error("Database unavailable: %s", error)
     return JSONResponse({"detail": "Database unavailable"}, status_code=503)
 
@@ -321,7 +330,9 @@ for error_class in (exc.OperationalError, exc.InterfaceError, exc.TimeoutError):
 
 
 @app.exception_handler(RequestValidationError)
-async def invalid_request(request: Any, error: RequestValidationError) -> JSONResponse:
+async def invalid_request(
+    request: Request, error: RequestValidationError
+) -> JSONResponse:
     # FastAPI's own handler echoes each bad input back: a 1 MB text, or one that is not valid
     # Unicode and cannot be encoded at all (a 500). The location and message are enough.
     errors = [
