@@ -219,16 +219,6 @@ async def stream_llm(
                 await send.send(ServerSentEvent(data={"content": content}))
 
 
-async def complete(model: str, messages: list[dict]) -> str:
-    """A whole reply at once: for titles."""
-    if model == ECHO:
-        return messages[-1]["content"]
-    completion = await llm.chat.completions.create(
-        model=model, messages=messages, max_tokens=30
-    )
-    return completion.choices[0].message.content or ""
-
-
 def chat_messages(prompt: str, history: list[tuple[str, str]]) -> list[dict]:
     """SYSTEM_PROMPT, then the earlier (prompt, reply) pairs, oldest first, then the prompt."""
     messages = []
@@ -690,14 +680,20 @@ TITLE_INSTRUCTION = "Reply with only a short title, at most six words, for a cha
 async def write_title(
     conversation_id: int, placeholder: str, model: str, prompt: str
 ) -> None:
-    """Give a new conversation an LLM-written title, unless the user renamed it meanwhile."""
+    """Give a new conversation an LLM-written title, unless the user renamed it meanwhile.
+
+    (With echo the placeholder, the prompt's first words, is already the model's answer.)
+    """
     messages = [
         {"role": "system", "content": TITLE_INSTRUCTION},
         {"role": "user", "content": prompt},
     ]
     with cancelled_on_shutdown(anyio.CancelScope()):
         try:
-            title = short_title(await complete(model, messages))
+            completion = await llm.chat.completions.create(
+                model=model, messages=messages, max_tokens=30
+            )
+            title = short_title(completion.choices[0].message.content or "")
             renamed = (
                 update(Conversation)
                 .where(col(Conversation.id) == conversation_id)
@@ -723,7 +719,7 @@ async def open_turn(
     )
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(run_turn, turn, session, send)
-        if request.conversation_id is None:
+        if request.conversation_id is None and turn.conversation.model_type != ECHO:
             tasks.start_soon(
                 write_title,
                 turn.conversation.id,
