@@ -111,8 +111,14 @@ if is_sqlite:
     # to 100 ms a try: under load some wait for seconds. One connection makes them queue.
     engine = create_async_engine(database_url, pool_size=1, max_overflow=0)
 else:
-    # A database that stops answering should cost a request a few seconds, not minutes.
-    engine = create_async_engine(database_url, connect_args={"connect_timeout": 5})
+    engine = create_async_engine(
+        database_url,
+        # The pool hands out connections the server has closed since (a restart, a failover)
+        # unless it tries each one first; a dead one is replaced and no request fails.
+        pool_pre_ping=True,
+        # A database that stops answering should cost a request a few seconds, not minutes.
+        connect_args={"connect_timeout": 5},
+    )
 
 
 if is_sqlite:

@@ -1431,3 +1431,28 @@ def test_a_database_failure_while_finishing_a_turn_is_reported_and_the_app_carri
     assert client.get("/health").json() == {"status": "ok"}
     stored = client.get(f"/messages/{message_id}").json()
     assert (stored["prompt_content"], stored["is_success"]) == ("unlucky", None)
+
+
+# Database faults -------------------------------------------------------------------------
+
+
+def test_pooled_connections_the_database_closed_fail_no_request(
+    database: Database, client: httpx.Client
+) -> None:
+    if database.url.startswith("sqlite"):
+        pytest.skip("a SQLite file has no server that can close connections")
+    conversation = new_conversation(client)  # the pool now holds a connection
+    with postgres_admin() as admin:
+
+        def close_the_apps_connections() -> None:
+            # As a restart or a failover does; the second argument waits for them to end.
+            admin.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s",
+                [database.name],
+            )
+
+        close_the_apps_connections()
+        assert client.get("/health").json() == {"status": "ok"}
+        close_the_apps_connections()
+        response = client.get(f"/conversations/{conversation['id']}")
+        assert (response.status_code, response.json()) == (200, conversation)
