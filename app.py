@@ -9,8 +9,10 @@ import logging
 import re
 import secrets
 import signal
+import sqlite3
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -128,8 +130,18 @@ if is_sqlite:
         cursor = dbapi_connection.cursor()
         # Without it SQLite ignores ON DELETE CASCADE.
         cursor.execute("PRAGMA foreign_keys = ON")
-        # Readers and the writer do not block each other.
-        cursor.execute("PRAGMA journal_mode = WAL")
+        # Readers and the writer do not block each other. The mode is kept in the file; when
+        # several processes switch a new file at once, SQLite refuses some of them at once
+        # ("database is locked", without waiting): they try again. (It blocks the event loop,
+        # for milliseconds, only on a new file.)
+        for attempt in range(50):
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.02)
         # Safe with WAL: a crash loses nothing, a power cut at most the last commits.
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
@@ -145,6 +157,7 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
 def migrate_to_head(connection: Any) -> None:
+    """Run on a connection outside any transaction: migrations/env.py begins and commits it."""
     config = AlembicConfig(FilePath(__file__).with_name("alembic.ini"))
     config.attributes["connection"] = connection  # migrations/env.py runs on it
     command.upgrade(config, "head")
@@ -305,7 +318,7 @@ def shutdown_signals_stop_live_work() -> Iterator[None]:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with engine.begin() as connection:
+    async with engine.connect() as connection:
         await connection.run_sync(migrate_to_head)
     with shutdown_signals_stop_live_work():
         yield

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1456,3 +1457,70 @@ def test_pooled_connections_the_database_closed_fail_no_request(
         close_the_apps_connections()
         response = client.get(f"/conversations/{conversation['id']}")
         assert (response.status_code, response.json()) == (200, conversation)
+
+
+def start_three_workers(database_url: str, workdir: Path) -> str:
+    """Start `uvicorn --workers 3` until all three are up (or it exits); return its log."""
+    process, log = launch(
+        ["--port", str(free_port()), "--workers", "3"],
+        {"DATABASE_URL": database_url},
+        workdir,
+    )
+    try:
+        wait_for(
+            lambda: (
+                log.read_text().count("Application startup complete") == 3
+                or process.poll() is not None
+            ),
+            20,
+        )
+    finally:
+        stop(process)
+    return log.read_text()
+
+
+def test_three_workers_start_together_on_an_empty_sqlite_file(tmp_path: Path) -> None:
+    for attempt in range(3):  # it used to fail about one start in three
+        workdir = tmp_path / f"start-{attempt}"
+        workdir.mkdir()
+        output = start_three_workers(f"sqlite:///{workdir / 'chat.db'}", workdir)
+        assert output.count("Application startup complete") == 3, output
+        assert "Traceback" not in output, output
+
+
+def test_workers_that_reach_the_migration_of_a_sqlite_file_at_once_all_come_up(
+    tmp_path: Path,
+) -> None:
+    # The test holds the file's write lock until all three workers are starting, so that
+    # they meet at the migration every time rather than one start in a few.
+    path = tmp_path / "chat.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode = WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    process, log = launch(
+        ["--port", str(free_port()), "--workers", "3"],
+        {"DATABASE_URL": f"sqlite:///{path}"},
+        tmp_path,
+    )
+    try:
+        wait_for(
+            lambda: (
+                log.read_text().count("Waiting for application startup") == 3
+                or process.poll() is not None
+            ),
+            20,
+        )
+        time.sleep(0.5)
+        holder.execute("COMMIT")
+        wait_for(
+            lambda: (
+                log.read_text().count("Application startup complete") == 3
+                or process.poll() is not None
+            ),
+            20,
+        )
+    finally:
+        stop(process)
+        holder.close()
+    assert log.read_text().count("Application startup complete") == 3, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()

@@ -1,10 +1,13 @@
 """Alembic's environment: the app's engine and models, so the CLI and the app agree.
 
-The app runs `upgrade head` on start and passes its own connection in config.attributes;
-the `alembic` command has none and connects with the app's engine (DATABASE_URL).
+The app runs `upgrade head` on start and passes its own connection in config.attributes,
+outside any transaction; the `alembic` command has none and connects with the app's engine
+(DATABASE_URL). Either way run_migrations() below begins the transaction and commits it.
 """
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from logging.config import fileConfig
 
 from alembic import context
@@ -23,20 +26,47 @@ if app_connection is None and config.config_file_name is not None:
 MIGRATION_LOCK = 7_243_901
 
 
+@contextmanager
+def settings_for_migrating(connection: Connection) -> Iterator[None]:
+    """Connection settings for the migration only; the app's come back after it."""
+    if connection.dialect.name == "sqlite":
+        # The busy timeout is how long a worker waits for another's migration (10 min).
+        busy_timeout = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        connection.exec_driver_sql("PRAGMA busy_timeout = 600000")
+        connection.commit()  # SQLAlchemy's own; SQLite has no transaction open
+    try:
+        yield
+    finally:
+        if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout}")
+            connection.commit()
+
+
+def take_migration_lock(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite":
+        # SQLite's drivers begin a transaction only before INSERT/UPDATE/DELETE, so DDL
+        # would run outside one: two workers would both create alembic_version, and a failed
+        # migration would stay half done. BEGIN IMMEDIATE starts it now, with the write lock.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    elif connection.dialect.name == "postgresql":
+        connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+
+
 def run_migrations(connection: Connection) -> None:
-    context.configure(
-        connection=connection, target_metadata=SQLModel.metadata, render_as_batch=True
-    )
-    with context.begin_transaction():
-        if connection.dialect.name == "postgresql":
-            connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+    with settings_for_migrating(connection), connection.begin():
+        take_migration_lock(connection)
+        # Configured inside the transaction, Alembic leaves it to us: one for all migrations.
+        context.configure(
+            connection=connection,
+            target_metadata=SQLModel.metadata,
+            render_as_batch=True,
+        )
         context.run_migrations()
 
 
 async def run_migrations_from_cli() -> None:
     async with engine.connect() as connection:
         await connection.run_sync(run_migrations)
-        await connection.commit()
     await engine.dispose()
 
 
