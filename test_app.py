@@ -7,13 +7,16 @@ run themselves; its model name scripts the reply, e.g. `fake:pieces=5:gap_ms=100
 """
 
 import asyncio
+import configparser
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -25,6 +28,8 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.engine import make_url
@@ -1524,3 +1529,108 @@ def test_workers_that_reach_the_migration_of_a_sqlite_file_at_once_all_come_up(
         holder.close()
     assert log.read_text().count("Application startup complete") == 3, log.read_text()
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def alembic(ini: Path, database_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ini), *args],
+        check=False,
+        cwd=ini.parent,
+        env={**env, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture
+def migrations_plus_one(tmp_path: Path) -> Callable[[str], Path]:
+    """The project's migrations plus one throwaway revision (its upgrade() body given),
+    in a copy: returns an alembic.ini for the copy."""
+
+    def add(upgrade_body: str) -> Path:
+        project_ini = PROJECT / "alembic.ini"
+        head = ScriptDirectory.from_config(
+            AlembicConfig(str(project_ini))
+        ).get_current_head()
+        folder = tmp_path / "migrations"
+        shutil.copytree(
+            PROJECT / "migrations", folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        (folder / "versions" / "throwaway.py").write_text(
+            f"import sqlalchemy as sa\nfrom alembic import op\n\n"
+            f"revision = 'throwaway'\ndown_revision = '{head}'\n"
+            f"branch_labels = None\ndepends_on = None\n\n\n"
+            f"def upgrade() -> None:\n{textwrap.indent(upgrade_body, '    ')}\n"
+        )
+        ini = configparser.RawConfigParser()
+        ini.read(project_ini)
+        ini["alembic"]["script_location"] = str(folder)
+        ini["alembic"]["prepend_sys_path"] = str(PROJECT)  # env.py imports the app
+        path = tmp_path / "alembic.ini"
+        with path.open("w") as file:
+            ini.write(file)
+        return path
+
+    return add
+
+
+def sqlite_with_six_messages(path: Path) -> str:
+    """A SQLite file at the project's head with two conversations of three messages each."""
+    url = f"sqlite:///{path}"
+    result = alembic(PROJECT / "alembic.ini", url, "upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    now = "2026-11-25 12:00:00.000000"
+    with sqlite3.connect(path) as db:
+        for conversation_id in (1, 2):
+            db.execute(
+                "INSERT INTO conversations (id, title, model_type, created_at, updated_at)"
+                " VALUES (?, 'A chat', 'echo', ?, ?)",
+                [conversation_id, now, now],
+            )
+            db.executemany(
+                "INSERT INTO messages (conversation_id, prompt_content, response_content,"
+                " created_at, updated_at) VALUES (?, 'hi', 'hi', ?, ?)",
+                [[conversation_id, now, now]] * 3,
+            )
+    db.close()
+    return url
+
+
+def count(path: Path, table: str) -> int:
+    with sqlite3.connect(path) as db:
+        rows = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    db.close()
+    return rows
+
+
+def test_a_sqlite_migration_that_rebuilds_conversations_keeps_their_messages(
+    tmp_path: Path, migrations_plus_one: Callable[[str], Path]
+) -> None:
+    # On SQLite any alter_column rebuilds the table: copy it, drop the old one, rename.
+    ini = migrations_plus_one(
+        'with op.batch_alter_table("conversations") as batch_op:\n'
+        '    batch_op.alter_column("title", existing_type=sa.String(), type_=sa.String(200))'
+    )
+    url = sqlite_with_six_messages(tmp_path / "chat.db")
+    result = alembic(ini, url, "upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    assert count(tmp_path / "chat.db", "messages") == 6
+
+
+def test_a_sqlite_migration_that_would_orphan_messages_fails_and_changes_nothing(
+    tmp_path: Path, migrations_plus_one: Callable[[str], Path]
+) -> None:
+    ini = migrations_plus_one(
+        'op.execute("DELETE FROM conversations WHERE id = 1")\n'
+        'with op.batch_alter_table("conversations") as batch_op:\n'
+        '    batch_op.alter_column("title", existing_type=sa.String(), type_=sa.String(200))'
+    )
+    url = sqlite_with_six_messages(tmp_path / "chat.db")
+    result = alembic(ini, url, "upgrade", "head")
+    assert result.returncode != 0
+    assert "foreign key" in result.stderr.lower(), result.stderr
+    assert count(tmp_path / "chat.db", "conversations") == 2
+    assert count(tmp_path / "chat.db", "messages") == 6
+    current = alembic(ini, url, "current")
+    assert "throwaway" not in current.stdout, current.stdout

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from logging.config import fileConfig
 
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
@@ -30,7 +31,11 @@ MIGRATION_LOCK = 7_243_901
 def settings_for_migrating(connection: Connection) -> Iterator[None]:
     """Connection settings for the migration only; the app's come back after it."""
     if connection.dialect.name == "sqlite":
+        # A batch migration rebuilds a table by copy, drop and rename; with foreign keys on,
+        # dropping `conversations` deletes every message (ON DELETE CASCADE). The setting
+        # cannot change inside a transaction; check_foreign_keys() runs before the commit.
         # The busy timeout is how long a worker waits for another's migration (10 min).
+        connection.exec_driver_sql("PRAGMA foreign_keys = OFF")
         busy_timeout = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
         connection.exec_driver_sql("PRAGMA busy_timeout = 600000")
         connection.commit()  # SQLAlchemy's own; SQLite has no transaction open
@@ -38,6 +43,7 @@ def settings_for_migrating(connection: Connection) -> Iterator[None]:
         yield
     finally:
         if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql("PRAGMA foreign_keys = ON")
             connection.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout}")
             connection.commit()
 
@@ -52,6 +58,18 @@ def take_migration_lock(connection: Connection) -> None:
         connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
 
 
+def check_foreign_keys(connection: Connection) -> None:
+    if connection.dialect.name != "sqlite":
+        return  # Postgres checks them itself
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if broken:
+        table, rowid, parent, _ = broken[0]
+        raise CommandError(
+            f"Migration rolled back: it would leave {len(broken)} rows with a foreign key "
+            f"to nothing (the first: {table} rowid {rowid}, to {parent})."
+        )
+
+
 def run_migrations(connection: Connection) -> None:
     with settings_for_migrating(connection), connection.begin():
         take_migration_lock(connection)
@@ -62,6 +80,7 @@ def run_migrations(connection: Connection) -> None:
             render_as_batch=True,
         )
         context.run_migrations()
+        check_foreign_keys(connection)
 
 
 async def run_migrations_from_cli() -> None:
