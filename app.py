@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import anyio
 import openai
+import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from anyio.streams.memory import MemoryObjectSendStream
@@ -106,6 +107,40 @@ def async_database_url(url: str) -> str:
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
 
 
+# A database that stops answering (a hung server, a dead network path) should cost a request
+# seconds, not minutes: each wait for it (to connect, for an answer, for a free pooled
+# connection) gives up after this long, and the request answers 503.
+DATABASE_TIMEOUT = 5  # seconds
+
+
+class BoundedConnection(psycopg.AsyncConnection):
+    """A psycopg connection that gives up when an answer takes over `answer_timeout` seconds.
+
+    `connect_timeout` bounds only connecting: on an open connection a query waits for the
+    socket as long as the OS keeps it, minutes. psycopg does every such wait (queries, commits,
+    SQLAlchemy's pre-ping) in `wait()`, which takes a timeout. asyncio.timeout() around it would
+    not do: cancelled, psycopg first asks the server to cancel the query, which cannot answer.
+    On timeout the connection is closed (it is mid-exchange, of no further use): SQLAlchemy
+    sees a disconnect, drops it with the rest of the pool, and connects anew when asked.
+    Not for LISTEN, whose waits are rightly long.
+    """
+
+    answer_timeout: float | None = DATABASE_TIMEOUT  # None: wait as long as it takes
+
+    async def wait(
+        self, gen: Any, interval: float = 0.1, timeout: float | None = None
+    ) -> Any:
+        if timeout is not None or self.answer_timeout is None:  # a bound of its own
+            return await super().wait(gen, interval, timeout)
+        try:
+            return await super().wait(gen, interval, self.answer_timeout)
+        except psycopg.errors._WaitTimeout:  # what psycopg raises when `timeout` passes
+            await self.close()
+            raise psycopg.OperationalError(
+                f"The database did not answer in {self.answer_timeout} s"
+            ) from None
+
+
 database_url = async_database_url(settings.database_url)
 is_sqlite = database_url.startswith("sqlite")
 if is_sqlite:
@@ -118,8 +153,13 @@ else:
         # The pool hands out connections the server has closed since (a restart, a failover)
         # unless it tries each one first; a dead one is replaced and no request fails.
         pool_pre_ping=True,
-        # A database that stops answering should cost a request a few seconds, not minutes.
-        connect_args={"connect_timeout": 5},
+        # On a frozen database every pooled connection is stuck: do not queue for 30 s
+        # (the default) for one.
+        pool_timeout=DATABASE_TIMEOUT,
+        connect_args={
+            "connect_timeout": DATABASE_TIMEOUT,
+            "async_creator_fn": BoundedConnection.connect,
+        },
     )
 
 

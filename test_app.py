@@ -1634,3 +1634,130 @@ def test_a_sqlite_migration_that_would_orphan_messages_fails_and_changes_nothing
     assert count(tmp_path / "chat.db", "messages") == 6
     current = alembic(ini, url, "current")
     assert "throwaway" not in current.stdout, current.stdout
+
+
+class FreezableProxy:
+    """A TCP proxy to Postgres that can freeze like a hung server or a dead network path:
+    frozen, it passes no byte either way and answers nothing, but keeps every socket open."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = self.call(self.listen())
+
+    def call(self, coroutine: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    async def listen(self) -> int:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.sockets: set[asyncio.StreamWriter] = set()
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def serve(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        self.sockets.add(client_out)
+        try:
+            await self.flowing.wait()  # frozen, a new connection hangs too
+            server_in, server_out = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_out.close()
+            return
+        self.sockets.add(server_out)
+        await asyncio.gather(
+            self.pipe(client_in, server_out), self.pipe(server_in, client_out)
+        )
+        self.sockets -= {client_out, server_out}
+
+    async def pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                await self.flowing.wait()
+                sink.write(data)
+                await sink.drain()
+        except (OSError, RuntimeError):
+            pass
+        finally:
+            sink.close()  # the other direction then reads the end too
+
+    def freeze(self) -> None:
+        self.loop.call_soon_threadsafe(self.flowing.clear)
+
+    async def drop_and_flow(self) -> None:
+        for writer in self.sockets:
+            writer.close()
+        self.sockets.clear()
+        self.flowing.set()
+
+    def thaw(self) -> None:
+        """Flow again; connections from before are dropped (what they held back is stale)."""
+        self.call(self.drop_and_flow())
+
+    async def shut(self) -> None:
+        self.server.close()
+        await self.drop_and_flow()
+
+    def close(self) -> None:
+        self.call(self.shut())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def freezable_postgres(database: Database) -> Iterator[FreezableProxy]:
+    if database.url.startswith("sqlite"):
+        pytest.skip("a SQLite file has no network path that can freeze")
+    url = make_url(database.url)
+    proxy = FreezableProxy(url.host or "127.0.0.1", url.port or 5432)
+    yield proxy
+    proxy.close()
+
+
+def test_while_the_database_stops_answering_every_endpoint_answers_503_within_seconds_then_recovers(
+    freezable_postgres: FreezableProxy,
+    database: Database,
+    start_app: Callable[..., Server],
+) -> None:
+    proxied = make_url(database.url).set(host="127.0.0.1", port=freezable_postgres.port)
+    server = start_app(DATABASE_URL=proxied.render_as_string(False))
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        conversation = new_conversation(client)  # the pool now holds a connection
+        freezable_postgres.freeze()
+        for method, path, body in [
+            ("GET", "/health", None),
+            ("GET", "/conversations", None),
+            ("GET", f"/conversations/{conversation['id']}", None),
+            ("POST", "/conversations", {"title": "x"}),
+        ]:
+            started = time.monotonic()
+            response = client.request(method, path, json=body)
+            assert (response.status_code, response.json()) == (
+                503,
+                {"detail": "Database unavailable"},
+            ), (method, path)
+            assert time.monotonic() - started < 12, (method, path)
+        freezable_postgres.thaw()
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get(f"/conversations/{conversation['id']}").json() == conversation
+
+
+def test_a_postgres_migration_may_take_longer_than_the_apps_wait_for_an_answer(
+    tmp_path: Path, migrations_plus_one: Callable[[str], Path]
+) -> None:
+    # The app gives up on a database answer after 5 s; an index on a big table takes longer.
+    ini = migrations_plus_one('op.execute("SELECT pg_sleep(7)")')
+    with postgres_admin() as admin:
+        name = f"chat_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            url = make_url(POSTGRES_URL).set(database=name).render_as_string(False)
+            result = alembic(ini, url, "upgrade", "head")
+            assert result.returncode == 0, result.stderr
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

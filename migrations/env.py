@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
-from app import engine
+from app import BoundedConnection, engine
 
 config = context.config
 app_connection = config.attributes.get("connection")
@@ -30,6 +30,11 @@ MIGRATION_LOCK = 7_243_901
 @contextmanager
 def settings_for_migrating(connection: Connection) -> Iterator[None]:
     """Connection settings for the migration only; the app's come back after it."""
+    driver = connection.connection.driver_connection
+    if isinstance(driver, BoundedConnection):
+        # The app gives up on an answer after a few seconds; a migration may rightly take
+        # longer (an index on a big table, another worker's migration ahead of it).
+        driver.answer_timeout = None
     if connection.dialect.name == "sqlite":
         # A batch migration rebuilds a table by copy, drop and rename; with foreign keys on,
         # dropping `conversations` deletes every message (ON DELETE CASCADE). The setting
@@ -42,6 +47,8 @@ def settings_for_migrating(connection: Connection) -> Iterator[None]:
     try:
         yield
     finally:
+        if isinstance(driver, BoundedConnection):
+            del driver.answer_timeout  # back to the class's bound
         if connection.dialect.name == "sqlite":
             connection.exec_driver_sql("PRAGMA foreign_keys = ON")
             connection.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout}")
