@@ -10,6 +10,7 @@ import logging
 import re
 import secrets
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 
 import anyio
 import openai
+import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from fastapi import (
@@ -139,6 +141,40 @@ def async_database_url(url: str) -> str:
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
 
 
+# A database that stops answering (a hung server, a dead network path) should cost a request
+# seconds, not minutes: each wait for it (to connect, for an answer, for a free pooled
+# connection) gives up after this long, and the request answers 503.
+DATABASE_TIMEOUT = 5  # seconds
+
+
+class BoundedConnection(psycopg.AsyncConnection):
+    """A psycopg connection that gives up when an answer takes over `answer_timeout` seconds.
+
+    `connect_timeout` bounds only connecting: on an open connection a query waits for the
+    socket as long as the OS keeps it, minutes. psycopg does every such wait (queries, commits,
+    SQLAlchemy's pre-ping) in `wait()`, which takes a timeout. asyncio.timeout() around it would
+    not do: cancelled, psycopg first asks the server to cancel the query, which cannot answer.
+    On timeout the connection is closed (it is mid-exchange, of no further use): SQLAlchemy
+    sees a disconnect, drops it with the rest of the pool, and connects anew when asked.
+    Not for LISTEN, whose waits are rightly long.
+    """
+
+    answer_timeout: float | None = DATABASE_TIMEOUT  # None: wait as long as it takes
+
+    async def wait(
+        self, gen: Any, interval: float = 0.1, timeout: float | None = None
+    ) -> Any:
+        if timeout is not None or self.answer_timeout is None:  # a bound of its own
+            return await super().wait(gen, interval, timeout)
+        try:
+            return await super().wait(gen, interval, self.answer_timeout)
+        except psycopg.errors._WaitTimeout:  # what psycopg raises when `timeout` passes
+            await self.close()
+            raise psycopg.OperationalError(
+                f"The database did not answer in {self.answer_timeout} s"
+            ) from None
+
+
 database_url = async_database_url(settings.database_url)
 is_sqlite = database_url.startswith("sqlite")
 if is_sqlite:
@@ -146,8 +182,19 @@ if is_sqlite:
     # to 100 ms a try: under load some wait for seconds. One connection makes them queue.
     engine = create_async_engine(database_url, pool_size=1, max_overflow=0)
 else:
-    # A database that stops answering should cost a request a few seconds, not minutes.
-    engine = create_async_engine(database_url, connect_args={"connect_timeout": 5})
+    engine = create_async_engine(
+        database_url,
+        # The pool hands out connections the server has closed since (a restart, a failover)
+        # unless it tries each one first; a dead one is replaced and no request fails.
+        pool_pre_ping=True,
+        # On a frozen database every pooled connection is stuck: do not queue for 30 s
+        # (the default) for one.
+        pool_timeout=DATABASE_TIMEOUT,
+        connect_args={
+            "connect_timeout": DATABASE_TIMEOUT,
+            "async_creator_fn": BoundedConnection.connect,
+        },
+    )
 
 
 if is_sqlite:
@@ -157,8 +204,18 @@ if is_sqlite:
         cursor = dbapi_connection.cursor()
         # Without it SQLite ignores ON DELETE CASCADE.
         cursor.execute("PRAGMA foreign_keys = ON")
-        # Readers and the writer do not block each other.
-        cursor.execute("PRAGMA journal_mode = WAL")
+        # Readers and the writer do not block each other. The mode is kept in the file; when
+        # several processes switch a new file at once, SQLite refuses some of them at once
+        # ("database is locked", without waiting): they try again. (It blocks the event loop,
+        # for milliseconds, only on a new file.)
+        for attempt in range(50):
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.02)
         # Safe with WAL: a crash loses nothing, a power cut at most the last commits.
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
@@ -174,6 +231,7 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
 def migrate_to_head(connection: Any) -> None:
+    """Run on a connection outside any transaction: migrations/env.py begins and commits it."""
     config = AlembicConfig(FilePath(__file__).with_name("alembic.ini"))
     config.attributes["connection"] = connection  # migrations/env.py runs on it
     command.upgrade(config, "head")
@@ -308,7 +366,7 @@ def shutdown_signals_stop_live_work() -> Iterator[None]:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with engine.begin() as connection:
+    async with engine.connect() as connection:
         await connection.run_sync(migrate_to_head)
     with shutdown_signals_stop_live_work():
         reaper = asyncio.create_task(close_dead_turns_forever())

@@ -7,14 +7,17 @@ run themselves; its model name scripts the reply, e.g. `fake:pieces=5:gap_ms=100
 """
 
 import asyncio
+import configparser
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -26,6 +29,8 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.engine import make_url
@@ -2078,3 +2083,327 @@ def test_another_process_on_the_same_database_follows_and_stops_a_reply(
     assert stopped["response_content"] == seen + reply_text(rest)
     assert first + reply_text(followed_rest) == stopped["response_content"]
     assert client.get(f"/messages/{message_id}").json() == stopped
+
+
+# Database faults -------------------------------------------------------------------------
+
+
+def test_pooled_connections_the_database_closed_fail_no_request(
+    database: Database, client: httpx.Client
+) -> None:
+    if database.url.startswith("sqlite"):
+        pytest.skip("a SQLite file has no server that can close connections")
+    conversation = new_conversation(client)  # the pool now holds a connection
+    with postgres_admin() as admin:
+
+        def close_the_apps_connections() -> None:
+            # As a restart or a failover does; the second argument waits for them to end.
+            admin.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s",
+                [database.name],
+            )
+
+        close_the_apps_connections()
+        assert client.get("/health").json() == {"status": "ok"}
+        close_the_apps_connections()
+        response = client.get(f"/conversations/{conversation['id']}")
+        assert (response.status_code, response.json()) == (200, conversation)
+
+
+def start_three_workers(database_url: str, workdir: Path) -> str:
+    """Start `uvicorn --workers 3` until all three are up (or it exits); return its log."""
+    process, log = launch(
+        ["--port", str(free_port()), "--workers", "3"],
+        {"DATABASE_URL": database_url},
+        workdir,
+    )
+    try:
+        wait_for(
+            lambda: (
+                log.read_text().count("Application startup complete") == 3
+                or process.poll() is not None
+            ),
+            20,
+        )
+    finally:
+        stop(process)
+    return log.read_text()
+
+
+def test_three_workers_start_together_on_an_empty_sqlite_file(tmp_path: Path) -> None:
+    for attempt in range(3):  # it used to fail about one start in three
+        workdir = tmp_path / f"start-{attempt}"
+        workdir.mkdir()
+        output = start_three_workers(f"sqlite:///{workdir / 'chat.db'}", workdir)
+        assert output.count("Application startup complete") == 3, output
+        assert "Traceback" not in output, output
+
+
+def test_workers_that_reach_the_migration_of_a_sqlite_file_at_once_all_come_up(
+    tmp_path: Path,
+) -> None:
+    # The test holds the file's write lock until all three workers are starting, so that
+    # they meet at the migration every time rather than one start in a few.
+    path = tmp_path / "chat.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode = WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    process, log = launch(
+        ["--port", str(free_port()), "--workers", "3"],
+        {"DATABASE_URL": f"sqlite:///{path}"},
+        tmp_path,
+    )
+    try:
+        wait_for(
+            lambda: (
+                log.read_text().count("Waiting for application startup") == 3
+                or process.poll() is not None
+            ),
+            20,
+        )
+        time.sleep(0.5)
+        holder.execute("COMMIT")
+        wait_for(
+            lambda: (
+                log.read_text().count("Application startup complete") == 3
+                or process.poll() is not None
+            ),
+            20,
+        )
+    finally:
+        stop(process)
+        holder.close()
+    assert log.read_text().count("Application startup complete") == 3, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def alembic(ini: Path, database_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ini), *args],
+        check=False,
+        cwd=ini.parent,
+        env={**env, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture
+def migrations_plus_one(tmp_path: Path) -> Callable[[str], Path]:
+    """The project's migrations plus one throwaway revision (its upgrade() body given),
+    in a copy: returns an alembic.ini for the copy."""
+
+    def add(upgrade_body: str) -> Path:
+        project_ini = PROJECT / "alembic.ini"
+        head = ScriptDirectory.from_config(
+            AlembicConfig(str(project_ini))
+        ).get_current_head()
+        folder = tmp_path / "migrations"
+        shutil.copytree(
+            PROJECT / "migrations", folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        (folder / "versions" / "throwaway.py").write_text(
+            f"import sqlalchemy as sa\nfrom alembic import op\n\n"
+            f"revision = 'throwaway'\ndown_revision = '{head}'\n"
+            f"branch_labels = None\ndepends_on = None\n\n\n"
+            f"def upgrade() -> None:\n{textwrap.indent(upgrade_body, '    ')}\n"
+        )
+        ini = configparser.RawConfigParser()
+        ini.read(project_ini)
+        ini["alembic"]["script_location"] = str(folder)
+        ini["alembic"]["prepend_sys_path"] = str(PROJECT)  # env.py imports the app
+        path = tmp_path / "alembic.ini"
+        with path.open("w") as file:
+            ini.write(file)
+        return path
+
+    return add
+
+
+def sqlite_with_six_messages(path: Path) -> str:
+    """A SQLite file at the project's head with two conversations of three messages each."""
+    url = f"sqlite:///{path}"
+    result = alembic(PROJECT / "alembic.ini", url, "upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    now = "2026-11-25 12:00:00.000000"
+    with sqlite3.connect(path) as db:
+        for conversation_id in (1, 2):
+            db.execute(
+                "INSERT INTO conversations (id, title, model_type, created_at, updated_at)"
+                " VALUES (?, 'A chat', 'echo', ?, ?)",
+                [conversation_id, now, now],
+            )
+            db.executemany(
+                "INSERT INTO messages (conversation_id, prompt_content, response_content,"
+                " created_at, updated_at) VALUES (?, 'hi', 'hi', ?, ?)",
+                [[conversation_id, now, now]] * 3,
+            )
+    db.close()
+    return url
+
+
+def count(path: Path, table: str) -> int:
+    with sqlite3.connect(path) as db:
+        rows = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    db.close()
+    return rows
+
+
+def test_a_sqlite_migration_that_rebuilds_conversations_keeps_their_messages(
+    tmp_path: Path, migrations_plus_one: Callable[[str], Path]
+) -> None:
+    # On SQLite any alter_column rebuilds the table: copy it, drop the old one, rename.
+    ini = migrations_plus_one(
+        'with op.batch_alter_table("conversations") as batch_op:\n'
+        '    batch_op.alter_column("title", existing_type=sa.String(), type_=sa.String(200))'
+    )
+    url = sqlite_with_six_messages(tmp_path / "chat.db")
+    result = alembic(ini, url, "upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    assert count(tmp_path / "chat.db", "messages") == 6
+
+
+def test_a_sqlite_migration_that_would_orphan_messages_fails_and_changes_nothing(
+    tmp_path: Path, migrations_plus_one: Callable[[str], Path]
+) -> None:
+    ini = migrations_plus_one(
+        'op.execute("DELETE FROM conversations WHERE id = 1")\n'
+        'with op.batch_alter_table("conversations") as batch_op:\n'
+        '    batch_op.alter_column("title", existing_type=sa.String(), type_=sa.String(200))'
+    )
+    url = sqlite_with_six_messages(tmp_path / "chat.db")
+    result = alembic(ini, url, "upgrade", "head")
+    assert result.returncode != 0
+    assert "foreign key" in result.stderr.lower(), result.stderr
+    assert count(tmp_path / "chat.db", "conversations") == 2
+    assert count(tmp_path / "chat.db", "messages") == 6
+    current = alembic(ini, url, "current")
+    assert "throwaway" not in current.stdout, current.stdout
+
+
+class FreezableProxy:
+    """A TCP proxy to Postgres that can freeze like a hung server or a dead network path:
+    frozen, it passes no byte either way and answers nothing, but keeps every socket open."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = self.call(self.listen())
+
+    def call(self, coroutine: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    async def listen(self) -> int:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.sockets: set[asyncio.StreamWriter] = set()
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def serve(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        self.sockets.add(client_out)
+        try:
+            await self.flowing.wait()  # frozen, a new connection hangs too
+            server_in, server_out = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_out.close()
+            return
+        self.sockets.add(server_out)
+        await asyncio.gather(
+            self.pipe(client_in, server_out), self.pipe(server_in, client_out)
+        )
+        self.sockets -= {client_out, server_out}
+
+    async def pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                await self.flowing.wait()
+                sink.write(data)
+                await sink.drain()
+        except (OSError, RuntimeError):
+            pass
+        finally:
+            sink.close()  # the other direction then reads the end too
+
+    def freeze(self) -> None:
+        self.loop.call_soon_threadsafe(self.flowing.clear)
+
+    async def drop_and_flow(self) -> None:
+        for writer in self.sockets:
+            writer.close()
+        self.sockets.clear()
+        self.flowing.set()
+
+    def thaw(self) -> None:
+        """Flow again; connections from before are dropped (what they held back is stale)."""
+        self.call(self.drop_and_flow())
+
+    async def shut(self) -> None:
+        self.server.close()
+        await self.drop_and_flow()
+
+    def close(self) -> None:
+        self.call(self.shut())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def freezable_postgres(database: Database) -> Iterator[FreezableProxy]:
+    if database.url.startswith("sqlite"):
+        pytest.skip("a SQLite file has no network path that can freeze")
+    url = make_url(database.url)
+    proxy = FreezableProxy(url.host or "127.0.0.1", url.port or 5432)
+    yield proxy
+    proxy.close()
+
+
+def test_while_the_database_stops_answering_every_endpoint_answers_503_within_seconds_then_recovers(
+    freezable_postgres: FreezableProxy,
+    database: Database,
+    start_app: Callable[..., Server],
+) -> None:
+    proxied = make_url(database.url).set(host="127.0.0.1", port=freezable_postgres.port)
+    server = start_app(DATABASE_URL=proxied.render_as_string(False))
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        conversation = new_conversation(client)  # the pool now holds a connection
+        freezable_postgres.freeze()
+        for method, path, body in [
+            ("GET", "/health", None),
+            ("GET", "/conversations", None),
+            ("GET", f"/conversations/{conversation['id']}", None),
+            ("POST", "/conversations", {"title": "x"}),
+        ]:
+            started = time.monotonic()
+            response = client.request(method, path, json=body)
+            assert (response.status_code, response.json()) == (
+                503,
+                {"detail": "Database unavailable"},
+            ), (method, path)
+            assert time.monotonic() - started < 12, (method, path)
+        freezable_postgres.thaw()
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get(f"/conversations/{conversation['id']}").json() == conversation
+
+
+def test_a_postgres_migration_may_take_longer_than_the_apps_wait_for_an_answer(
+    tmp_path: Path, migrations_plus_one: Callable[[str], Path]
+) -> None:
+    # The app gives up on a database answer after 5 s; an index on a big table takes longer.
+    ini = migrations_plus_one('op.execute("SELECT pg_sleep(7)")')
+    with postgres_admin() as admin:
+        name = f"chat_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            url = make_url(POSTGRES_URL).set(database=name).render_as_string(False)
+            result = alembic(ini, url, "upgrade", "head")
+            assert result.returncode == 0, result.stderr
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
