@@ -80,10 +80,17 @@ class ConversationBase(SQLModel):
 
 class Conversation(ConversationBase, table=True):
     __tablename__ = "conversations"
-    # GET /conversations: newest activity first.
-    __table_args__ = (Index("ix_conversations_updated_at_id", "updated_at", "id"),)
+    __table_args__ = (
+        # GET /conversations: newest activity first.
+        Index("ix_conversations_updated_at_id", "updated_at", "id"),
+        # A /v1 call continues the newest conversation with its thread: one index lookup.
+        Index("ix_conversations_thread_updated_at_id", "thread", "updated_at", "id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
+    # The hash of the messages of its last successful /v1 call plus the reply (see app.py,
+    # "OpenAI-compatible front"); none while a /v1 call runs in it, or if it never had one.
+    thread: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utc_now)
     updated_at: datetime = Field(default_factory=utc_now)
 
