@@ -153,6 +153,13 @@ class Message(MessageBase, table=True):
             "created_at",
             "id",
         ),
+        # A conversation's live turns (a /v1 call continues no conversation that has one).
+        Index(
+            "ix_messages_conversation_id_live",
+            "conversation_id",
+            postgresql_where=sa.text("live"),
+            sqlite_where=sa.text("live"),
+        ),
         # Live turns whose process died (silent since...): only live rows are in it.
         Index(
             "ix_messages_live_updated_at",

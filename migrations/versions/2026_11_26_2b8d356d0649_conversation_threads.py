@@ -1,4 +1,4 @@
-"""conversation threads: how a /v1 call finds the conversation it continues
+"""conversation threads: how a /v1 call finds the conversation it continues, in one lookup
 
 Revision ID: 2b8d356d0649
 Revises: bb608e99419b
@@ -33,10 +33,24 @@ def upgrade() -> None:
             ["thread", "updated_at", "id"],
             unique=False,
         )
+    with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_messages_conversation_id_live",
+            ["conversation_id"],
+            unique=False,
+            postgresql_where=sa.text("live"),
+            sqlite_where=sa.text("live"),
+        )
 
 
 def downgrade() -> None:
     """Downgrade schema."""
+    with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_index(
+            "ix_messages_conversation_id_live",
+            postgresql_where=sa.text("live"),
+            sqlite_where=sa.text("live"),
+        )
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.drop_index("ix_conversations_thread_updated_at_id")
         batch_op.drop_column("thread")
