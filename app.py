@@ -251,16 +251,20 @@ llm = openai.AsyncOpenAI(
 
 
 async def open_llm_reply(
-    model: str, messages: list[dict]
+    model: str, messages: list[dict], sampling: dict | None = None
 ) -> openai.AsyncStream[ChatCompletionChunk]:
+    """`sampling`: more fields of the request (temperature, max_tokens, ...), from a /v1 call."""
     body = {
+        **(sampling or {}),
         "model": model,
         "messages": messages,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if settings.max_tokens:
-        body["max_tokens"] = settings.max_tokens
+    if cap := settings.max_tokens:
+        limits = [n for n in ("max_tokens", "max_completion_tokens") if n in body]
+        for name in limits or ["max_tokens"]:
+            body[name] = min(body.get(name, cap), cap)
     # The same request as llm.chat.completions.create(**body), without the type-driven
     # rewrite of every message that create() runs first: 3 ms of CPU per reply with ten
     # turns of history, for plain JSON that needs no rewriting.
@@ -528,9 +532,13 @@ MessageDep = Annotated[Message, Depends(find_message)]
 
 
 async def touch_conversation(
-    session: AsyncSession, conversation_id: int, at: datetime | None = None
+    session: AsyncSession,
+    conversation_id: int,
+    at: datetime | None = None,
+    **values: Any,
 ) -> None:
-    """A change to a conversation's messages is activity in that conversation.
+    """A change to a conversation's messages is activity in that conversation (`values`: more
+    columns to set).
 
     Lock the conversation before its message, as a DELETE of the conversation does, or the
     two wait for each other (Postgres ends that deadlock by failing one).
@@ -538,7 +546,7 @@ async def touch_conversation(
     await session.exec(
         update(Conversation)
         .where(col(Conversation.id) == conversation_id)
-        .values(updated_at=at or utc_now())
+        .values(updated_at=at or utc_now(), **values)
     )
 
 
@@ -623,7 +631,7 @@ class LiveReply:
     conversation_id: int
     pieces: list[str] = field(default_factory=list)
     length: int = 0  # characters so far
-    finished: bool = False  # the model said why it stopped (finish_reason)
+    finish_reason: str | None = None  # why the model stopped, as it said (stop, length)
     usage: dict[str, int | None] = field(default_factory=dict)
     changed: asyncio.Event = field(
         default_factory=asyncio.Event
@@ -632,7 +640,11 @@ class LiveReply:
     ended_by: tuple[int, str] | None = (
         None  # a stop or a deletion, before the model's end
     )
-    final: bytes | None = None  # the done or error event, once the end is stored
+    # How it ended, once stored: the status (a 503 when it could not be stored), a detail for
+    # errors, and its row as stored (none if it was deleted).
+    status_code: int | None = None
+    detail: str = ""
+    message: Message | None = None
     stored: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, piece: str) -> bool:
@@ -683,7 +695,7 @@ async def run_reply(
         opening.cancel()  # in case the reply was stopped before it opened
     if outcome is None:  # ended early
         outcome = reply.ended_by or (503, "The server is shutting down")
-    reply.final = await store_end(reply, *outcome)
+    reply.status_code, reply.detail, reply.message = await store_end(reply, *outcome)
     del live_replies[reply.message_id]
     reply.stored.set()
     reply.wake_followers()
@@ -733,9 +745,11 @@ async def checkpoint(reply: LiveReply) -> None:
             reply.end(STOPPED, "Stopped")
 
 
-async def store_end(reply: LiveReply, status_code: int, detail: str) -> bytes:
-    """Store how the turn ended, retrying a failing database for about 10 s; return its final event."""
-    end_id = f"{reply.message_id}:end"
+async def store_end(
+    reply: LiveReply, status_code: int, detail: str
+) -> tuple[int, str, Message | None]:
+    """Store how the turn ended, retrying a failing database for about 10 s; return the end
+    as stored (another process may have ended it first) and the row."""
     values = {
         "response_content": "".join(reply.pieces),
         **reply.usage,
@@ -767,14 +781,13 @@ async def store_end(reply: LiveReply, status_code: int, detail: str) -> bytes:
                 logger.error(
                     "Could not store the end of turn %s: %s", reply.message_id, error
                 )
-                detail = "Database unavailable: the reply was not stored"
-                return error_event(503, detail, end_id)
+                return 503, "Database unavailable: the reply was not stored", None
             await asyncio.sleep(0.5)
     if message is None:
-        return error_event(410, DELETED, end_id)
-    if message.status_code == status_code and not message.is_success:
-        return error_event(status_code, detail, end_id)
-    return final_event(message)
+        return 410, DELETED, None
+    if message.is_success or message.status_code != status_code:
+        status_code, detail = how_it_ended(message)
+    return status_code, detail, message
 
 
 async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
@@ -856,14 +869,18 @@ def validated(model: type[SQLModel], data: object) -> Any:
         raise RequestValidationError(error.errors()) from None
 
 
-async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
-    """Store the prompt and start the reply, which runs on its own from then on."""
+def refuse_when_busy() -> None:
     if len(live_replies) >= settings.max_live_replies:
         raise HTTPException(
             429,
             "Too many replies are being generated (MAX_LIVE_REPLIES)",
             {"Retry-After": "1"},
         )
+
+
+async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
+    """A turn of /text/generate/stream: the model gets SYSTEM_PROMPT, history and the prompt."""
+    refuse_when_busy()
     if request.conversation_id is None:
         model = settings.default_model
         conversation = Conversation(title=short_title(request.prompt), model_type=model)
@@ -872,11 +889,30 @@ async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveRep
         conversation = await find_conversation(request.conversation_id, session)
         history = await recent_successful_turns(session, conversation.id)
     message = Message(prompt_content=request.prompt, response_content="", live=True)
+    messages = chat_messages(request.prompt, history)
+    reply = await start_reply(session, conversation, message, messages)
+    if request.conversation_id is None and conversation.model_type != ECHO:
+        in_background(
+            write_title(conversation.id, conversation.title, model, request.prompt)
+        )
+    return reply
+
+
+async def start_reply(
+    session: AsyncSession,
+    conversation: Conversation,
+    message: Message,
+    messages: list[dict],
+    sampling: dict | None = None,
+) -> LiveReply:
+    """Store the prompt (with whatever else the session holds) and start the reply to
+    `messages`, which runs on its own from then on."""
     opening = None
     if conversation.model_type != ECHO:
         # Ask the model now and store the prompt meanwhile: the database adds no wait.
-        messages = chat_messages(request.prompt, history)
-        opening = asyncio.create_task(open_llm_reply(conversation.model_type, messages))
+        opening = asyncio.create_task(
+            open_llm_reply(conversation.model_type, messages, sampling)
+        )
     try:
         await store_prompt(session, conversation, message)
     except BaseException:
@@ -885,11 +921,7 @@ async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveRep
         raise
     reply = LiveReply(message.id, conversation.id)
     live_replies[reply.message_id] = reply
-    in_background(run_reply(reply, opening, request.prompt))
-    if request.conversation_id is None and opening:
-        in_background(
-            write_title(conversation.id, conversation.title, model, request.prompt)
-        )
+    in_background(run_reply(reply, opening, message.prompt_content))
     return reply
 
 
@@ -925,7 +957,7 @@ async def stream_echo(prompt: str, reply: LiveReply) -> None:
         await asyncio.sleep(0)  # its clients get a word at a time
     words = len(prompt.split())
     reply.set_usage(words, words, 2 * words)
-    reply.finished = True
+    reply.finish_reason = "stop"
 
 
 async def stream_llm(
@@ -940,11 +972,12 @@ async def stream_llm(
                 )
             if not chunk.choices:
                 continue
-            if chunk.choices[0].finish_reason:
-                reply.finished = True
+            if finish_reason := chunk.choices[0].finish_reason:
+                reply.finish_reason = finish_reason
             content = chunk.choices[0].delta.content
             if content and not reply.add(content):
-                reply.finished = True  # a full message ends there, as at MAX_TOKENS
+                # A full message ends there, as at MAX_TOKENS.
+                reply.finish_reason = "length"
                 return
 
 
@@ -969,7 +1002,7 @@ async def generate(
     except Exception as error:  # the turn must be stored whatever the upstream sent
         logger.exception("Reply %s could not be read", reply.message_id)
         return 502, f"The model's reply could not be read: {one_line(str(error), 300)}"
-    if not reply.finished:
+    if not reply.finish_reason:
         return 502, "The model's reply ended without a finish_reason"
     return 200, "Done"
 
@@ -1102,8 +1135,7 @@ def event_stream(turn: LiveReply | Message, offset: int) -> EventSourceResponse:
     headers = {
         "X-Conversation-Id": str(conversation_id),
         "X-Message-Id": str(message_id),
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+        **STREAM_HEADERS,
     }
     ids = json.dumps({"conversation_id": conversation_id, "message_id": message_id})
     start = sse("start", ids, f"{message_id}:{offset}", retry=RETRY_MS)
@@ -1116,8 +1148,10 @@ async def prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byt
         yield item
 
 
-async def events_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[bytes]:
-    """Pieces that arrived while the client was busy go out as one: a slow client keeps up."""
+async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
+    """The reply's text past `offset` as it comes, until its end is stored; "" after
+    PING_SECONDS without any. Pieces that arrived while the client was busy come as one: a
+    slow client keeps up."""
     read, position = 0, 0  # pieces read, and the characters in them
     while True:
         changed = reply.changed
@@ -1125,18 +1159,22 @@ async def events_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[bytes
         text = "".join(new)
         read, start, position = read + len(new), position, position + len(text)
         if position > offset:
-            yield piece_event(
-                reply.message_id, text[max(offset - start, 0) :], position
-            )
+            yield text[max(offset - start, 0) :]
             offset = position
-        if reply.final:
-            yield reply.final
+        if reply.stored.is_set():
             return
         if not text:
             with anyio.move_on_after(PING_SECONDS) as idle:
                 await changed.wait()
             if idle.cancelled_caught:
-                yield PING
+                yield ""
+
+
+async def events_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[bytes]:
+    async for text in text_in_memory(reply, offset):
+        offset += len(text)
+        yield piece_event(reply.message_id, text, offset) if text else PING
+    yield final_event(reply.message_id, reply.status_code, reply.detail, reply.message)
 
 
 async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[bytes]:
@@ -1156,7 +1194,7 @@ async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[byt
             yield piece_event(message_id, text[offset:], len(text))
             offset, last_sent = len(text), time.monotonic()
         if not message.live:
-            yield final_event(message)
+            yield final_event(message_id, *how_it_ended(message), message)
             return
         if stopping:
             return  # this server is going away: the client reconnects to another
@@ -1167,6 +1205,10 @@ async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[byt
 
 
 PING = b": ping\n\n"
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+}
 DELETED = "The conversation or the message was deleted"
 
 
@@ -1186,16 +1228,22 @@ def error_event(status_code: int, detail: str, event_id: str) -> bytes:
     return sse("error", data, event_id)
 
 
-def final_event(message: Message) -> bytes:
-    """A stored turn's end, as a follower sees it: done, or an error with its status."""
-    end_id = f"{message.id}:end"
+def how_it_ended(message: Message) -> tuple[int, str]:
+    """A stored turn's status and detail, as a follower sees it."""
     if message.is_success is False:
         status_code = message.status_code or 500
-        detail = (
-            "Stopped"
-            if status_code == STOPPED
-            else f"The reply failed with status {status_code}"
-        )
+        if status_code == STOPPED:
+            return status_code, "Stopped"
+        return status_code, f"The reply failed with status {status_code}"
+    return 200, "Done"
+
+
+def final_event(
+    message_id: int, status_code: int, detail: str, message: Message | None
+) -> bytes:
+    """done, with the message as stored, or an error with its status."""
+    end_id = f"{message_id}:end"
+    if status_code != 200:
         return error_event(status_code, detail, end_id)
     return sse("done", MessagePublic.model_validate(message).model_dump_json(), end_id)
 
