@@ -1,10 +1,12 @@
 """A chat backend: conversations with an LLM, stored in SQLite or Postgres, replies streamed as SSE.
 
 Read top to bottom: settings, database, models (the LLM kind), shutdown, the app, then the
-endpoints for conversations, messages, generation and health. The HTTP API is in README.md.
+endpoints for conversations, messages, generation, the OpenAI-compatible front (/v1) and
+health. The HTTP API is in README.md.
 """
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -18,7 +20,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path as FilePath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import openai
@@ -45,6 +47,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from openai.types.chat import ChatCompletionChunk
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -52,17 +55,20 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import event, exc, func, true
+from sqlalchemy import event, exc, exists, func, true
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import aliased
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import SQLModel, col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import (
     INT32_MAX,
     MAX_TEXT_CHARS,
     STRICT,
+    Content,
     Conversation,
     ConversationCreate,
     ConversationPublic,
@@ -71,6 +77,7 @@ from models import (
     Message,
     MessageCreate,
     MessagePublic,
+    ModelType,
     storable_piece,
     storable_text,
     utc_now,
@@ -386,9 +393,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(title="Chat backend", lifespan=lifespan)
 
 
+def openai_error(
+    status_code: int, message: str, param: str | None = None, code: str | None = None
+) -> dict:
+    """OpenAI's error shape: OpenAI clients raise their usual exceptions for it."""
+    kind = "invalid_request_error" if status_code < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def under_v1(request: Request) -> bool:
+    return request.url.path == "/v1" or request.url.path.startswith("/v1/")
+
+
+def error_response(
+    request: Request, status_code: int, detail: str, headers: dict | None = None
+) -> JSONResponse:
+    """`{"detail": ...}`, or under /v1 (the OpenAI-compatible front) OpenAI's shape."""
+    if under_v1(request):
+        return JSONResponse(openai_error(status_code, detail), status_code, headers)
+    return JSONResponse({"detail": detail}, status_code, headers)
+
+
+# Starlette's HTTPException: FastAPI's, and the router's own (404, 405).
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    return error_response(request, error.status_code, error.detail, error.headers)
+
+
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
     logger.error("Database unavailable: %s", error)
-    return JSONResponse({"detail": "Database unavailable"}, status_code=503)
+    return error_response(request, 503, "Database unavailable")
 
 
 DATABASE_ERRORS = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
@@ -402,7 +436,7 @@ async def deleted_meanwhile(request: Request, error: Exception) -> JSONResponse:
     # A DELETE committed between this request's read and its write: the row it changes is
     # gone (StaleDataError), or the conversation a new row belongs to (a foreign key error).
     gone = "Message" if request.url.path.startswith("/messages/") else "Conversation"
-    return JSONResponse({"detail": f"{gone} not found"}, status_code=404)
+    return error_response(request, 404, f"{gone} not found")
 
 
 @app.exception_handler(RequestValidationError)
@@ -415,6 +449,13 @@ async def invalid_request(
         {key: value for key, value in e.items() if key != "input"}
         for e in error.errors()
     ]
+    # Under /v1, OpenAI's 400: the problems in one line, and the first one's field.
+    if under_v1(request):
+        where = [".".join(map(str, e["loc"][1:])) for e in errors]  # after "body"
+        message = "; ".join(
+            f"{at}: {e['msg']}" if at else e["msg"] for at, e in zip(where, errors)
+        )
+        return JSONResponse(openai_error(400, message, where[0] or None), 400)
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
@@ -640,6 +681,7 @@ class LiveReply:
     ended_by: tuple[int, str] | None = (
         None  # a stop or a deletion, before the model's end
     )
+    thread: "Thread | None" = None  # a /v1 call's, see "OpenAI-compatible front"
     # How it ended, once stored: the status (a 503 when it could not be stored), a detail for
     # errors, and its row as stored (none if it was deleted).
     status_code: int | None = None
@@ -758,12 +800,15 @@ async def store_end(
         "live": False,
         "updated_at": utc_now(),
     }
+    thread = {}
+    if reply.thread:
+        thread["thread"] = reply.thread.after(status_code, values["response_content"])
     deadline = time.monotonic() + 10
     while True:
         try:
             async with AsyncSession(engine, expire_on_commit=False) as session:
                 await touch_conversation(
-                    session, reply.conversation_id, values["updated_at"]
+                    session, reply.conversation_id, values["updated_at"], **thread
                 )
                 query = (
                     update(Message)
@@ -904,6 +949,7 @@ async def start_reply(
     message: Message,
     messages: list[dict],
     sampling: dict | None = None,
+    thread: "Thread | None" = None,
 ) -> LiveReply:
     """Store the prompt (with whatever else the session holds) and start the reply to
     `messages`, which runs on its own from then on."""
@@ -919,7 +965,7 @@ async def start_reply(
         if opening:
             opening.cancel()
         raise
-    reply = LiveReply(message.id, conversation.id)
+    reply = LiveReply(message.id, conversation.id, thread=thread)
     live_replies[reply.message_id] = reply
     in_background(run_reply(reply, opening, message.prompt_content))
     return reply
@@ -1246,6 +1292,320 @@ def final_event(
     if status_code != 200:
         return error_event(status_code, detail, end_id)
     return sse("done", MessagePublic.model_validate(message).model_dump_json(), end_id)
+
+
+# OpenAI-compatible front -----------------------------------------------------------------
+# /v1/models and /v1/chat/completions, so that any OpenAI client (the SDKs, LangChain, Open
+# WebUI) can use the service as its model server. Each call is a turn, stored and run as any
+# other (a live reply: checkpointed, stoppable, finished when its client leaves), but the
+# model gets exactly the call's messages: the caller owns the context.
+#
+# Threading: OpenAI clients resend the whole history with each call. When a call succeeds, its
+# messages plus the reply become its conversation's thread, kept as a hash in an indexed
+# column; the next call whose earlier messages hash the same continues that conversation.
+# While a call runs, its conversation has no thread: a second call with the same history at
+# the same time finds none and starts a new conversation.
+
+
+def thread_key(messages: list[tuple[str, str]]) -> str:
+    """A thread as one indexed value: the hash of its (role, text) pairs, texts stripped."""
+    stripped = [(role, text.strip()) for role, text in messages]
+    return hashlib.sha256(json.dumps(stripped).encode()).hexdigest()
+
+
+@dataclass
+class Thread:
+    messages: list[tuple[str, str]]  # the call's
+    before: str | None  # the conversation's, kept if the call fails
+
+    def after(self, status_code: int, reply: str) -> str | None:
+        if status_code != 200:
+            return self.before
+        return thread_key([*self.messages, ("assistant", reply)])
+
+
+def text_of(content: object) -> object:
+    """A message's content as one text: a list of text parts joined with newlines."""
+    if not isinstance(content, list):
+        return content
+    if not all(
+        isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+        for part in content
+    ):
+        raise ValueError("only text content parts are supported")
+    return "\n".join(part["text"] for part in content)
+
+
+class ChatMessage(SQLModel):
+    model_config = STRICT
+
+    role: Annotated[
+        Literal["system", "developer", "user", "assistant"],
+        AfterValidator(lambda role: "system" if role == "developer" else role),
+    ]
+    content: Annotated[Content, BeforeValidator(text_of)]
+
+
+class StreamOptions(SQLModel):
+    model_config = STRICT
+
+    include_usage: bool | None = None
+
+
+# Passed on to the model; any other field of a request is ignored.
+SAMPLING = {
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+}
+
+
+class ChatRequest(SQLModel):
+    model_config = STRICT
+
+    model: ModelType
+    messages: list[ChatMessage]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    tools: list | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @field_validator("n")
+    @classmethod
+    def one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise ValueError("only n=1 is supported: a call is one turn")
+        return n
+
+    @field_validator("tools")
+    @classmethod
+    def no_tools(cls, tools: list | None) -> list | None:
+        if tools:
+            raise ValueError("tools are not supported")
+        return tools
+
+    @field_validator("messages")
+    @classmethod
+    def ends_with_the_prompt(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not messages or messages[-1].role != "user":
+            raise ValueError("the last message must be the user's: it is the prompt")
+        if len(messages[-1].content) > settings.max_prompt_chars:
+            limit = settings.max_prompt_chars
+            raise ValueError(f"the last message must be at most {limit} characters")
+        return messages
+
+
+async def claim_thread(
+    session: AsyncSession, key: str, model: str
+) -> Conversation | None:
+    """The newest conversation whose thread is `key` and that has no live turn, with its thread
+    cleared: of two calls that claim one at the same time, only one gets it."""
+    candidate = aliased(Conversation)
+    live_turn = exists().where(
+        col(Message.conversation_id) == candidate.id, col(Message.live)
+    )
+    newest = (
+        select(candidate.id)
+        .where(candidate.thread == key, ~live_turn)
+        .order_by(col(candidate.updated_at).desc(), col(candidate.id).desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    claim = (
+        update(Conversation)
+        .where(col(Conversation.id) == newest, col(Conversation.thread) == key)
+        .values(thread=None, model_type=model)
+        .returning(Conversation)
+    )
+    return (await session.exec(claim)).scalar_one_or_none()
+
+
+def earlier_turns(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(prompt, reply) pairs: each user message with the assistant's after it, if any."""
+    turns = []  # [prompt, reply or None]
+    for role, text in messages:
+        if role == "user":
+            turns.append([text, None])
+        elif role == "assistant":
+            if turns and turns[-1][1] is None:
+                turns[-1][1] = text
+            else:  # one with no user message before it, e.g. a greeting
+                turns.append(["", text])
+    return [(prompt, reply or "") for prompt, reply in turns]
+
+
+async def new_thread(
+    session: AsyncSession, messages: list[tuple[str, str]], model: str
+) -> Conversation:
+    """A new conversation for a call whose history is not a thread here: its earlier pairs
+    become its first turns, as given."""
+    first = next(text for role, text in messages if role == "user")
+    conversation = Conversation(title=short_title(first), model_type=model)
+    session.add(conversation)
+    if turns := earlier_turns(messages[:-1]):
+        await session.flush()  # the conversation's id, for its turns
+        session.add_all(
+            Message(
+                conversation_id=conversation.id,
+                prompt_content=prompt,
+                response_content=reply,
+                is_success=True,
+                status_code=200,
+            )
+            for prompt, reply in turns
+        )
+    return conversation
+
+
+async def start_call(
+    call: ChatRequest, conversation_id: int | None, session: AsyncSession
+) -> LiveReply:
+    """Store a /v1 call as a turn of the conversation it continues, or of a new one, and
+    start its reply."""
+    refuse_when_busy()
+    messages = [(message.role, message.content) for message in call.messages]
+    earlier = thread_key(messages[:-1])
+    if conversation_id is not None:
+        conversation = await find_conversation(conversation_id, session)
+        before = conversation.thread
+    elif conversation := await claim_thread(session, earlier, call.model):
+        before = earlier
+    else:
+        conversation, before = await new_thread(session, messages, call.model), None
+    conversation.thread, conversation.model_type = None, call.model
+    prompt = Message(prompt_content=messages[-1][1], response_content="", live=True)
+    to_model = [{"role": role, "content": text} for role, text in messages]
+    sampling = call.model_dump(include=SAMPLING, exclude_none=True)
+    thread = Thread(messages, before)
+    return await start_reply(session, conversation, prompt, to_model, sampling, thread)
+
+
+ConversationHeader = Annotated[
+    int | None, Header(alias="X-Conversation-Id", ge=1, le=INT32_MAX)
+]
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(
+    call: ChatRequest, session: SessionDep, conversation_id: ConversationHeader = None
+) -> Response:
+    reply = await start_call(call, conversation_id, session)
+    headers = {
+        "X-Conversation-Id": str(reply.conversation_id),
+        "X-Message-Id": str(reply.message_id),
+    }
+    # The status goes out first: a stream waits for the first piece (or the end), so that
+    # an upstream error before it gets its own status; a completion waits for the end.
+    while not (reply.stored.is_set() or (call.stream and reply.pieces)):
+        await reply.changed.wait()
+    if call.stream and (reply.pieces or reply.status_code == 200):
+        chunks = completion_chunks(reply, call)
+        return EventSourceResponse(chunks, headers={**headers, **STREAM_HEADERS})
+    if reply.status_code == 200:
+        return JSONResponse(completion(reply, call), headers=headers)
+    # The upstream refusing our own key is not the caller's fault. And the turn is stored:
+    # a retry would store another.
+    status_code = 502 if reply.status_code in (401, 403) else reply.status_code
+    body = openai_error(status_code, reply.detail)
+    return JSONResponse(body, status_code, {**headers, "x-should-retry": "false"})
+
+
+def usage(message: Message) -> dict | None:
+    """None unless the model reported every count: never zeros for unknown."""
+    counts = (message.prompt_tokens, message.response_tokens, message.total_tokens)
+    if None in counts:
+        return None
+    return dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts))
+
+
+def completion(reply: LiveReply, call: ChatRequest) -> dict:
+    answer = {"role": "assistant", "content": reply.message.response_content}
+    choice = {"index": 0, "message": answer, "finish_reason": reply.finish_reason}
+    return {
+        "id": f"chatcmpl-{reply.message_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": call.model,
+        "choices": [choice],
+        "usage": usage(reply.message),
+    }
+
+
+def data_event(data: dict) -> bytes:
+    return format_sse_event(data_str=json.dumps(data, ensure_ascii=False))
+
+
+async def completion_chunks(
+    reply: LiveReply, call: ChatRequest
+) -> AsyncIterator[bytes]:
+    """The reply as chat.completion.chunk events, then [DONE], or an error if it fails. No
+    event names, ids or retry hints: the openai SDK mis-reads a stream that has them."""
+    head = {
+        "id": f"chatcmpl-{reply.message_id}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": call.model,
+    }
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return data_event({**head, "choices": [choice]})
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for text in text_in_memory(reply, 0):
+        yield chunk({"content": text}) if text else PING
+    if reply.status_code != 200:  # the status went out with the first piece
+        code = str(reply.status_code)
+        yield data_event(openai_error(reply.status_code, reply.detail, code=code))
+        return
+    yield chunk({}, reply.finish_reason)
+    if call.stream_options and call.stream_options.include_usage:
+        yield data_event({**head, "choices": [], "usage": usage(reply.message)})
+    yield b"data: [DONE]\n\n"
+
+
+MODELS_CACHE_SECONDS = 60
+listed_models: tuple[float, list[str]] = (float("-inf"), [])  # when, and the ids
+
+
+async def upstream_models() -> list[str]:
+    """The model server's models, if it lists them within a second; cached (failures too)."""
+    global listed_models
+    listed_at, ids = listed_models
+    if time.monotonic() - listed_at > MODELS_CACHE_SECONDS:
+        try:
+            with anyio.fail_after(1):
+                ids = [model.id for model in (await llm.models.list()).data]
+        except (openai.APIError, TimeoutError) as error:  # echo and DEFAULT_MODEL do
+            logger.warning("The model server lists no models: %s", error)
+            ids = []
+        listed_models = (time.monotonic(), ids)
+    return ids
+
+
+@api.get("/v1/models")
+async def list_models() -> dict:
+    ids = dict.fromkeys([ECHO, settings.default_model, *await upstream_models()])
+    models = [
+        {"id": id, "object": "model", "created": 0, "owned_by": "chat-backend"}
+        for id in ids
+    ]
+    return {"object": "list", "data": models}
 
 
 app.include_router(api)

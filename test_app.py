@@ -22,10 +22,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import psycopg
 import pytest
 import uvicorn
@@ -902,7 +904,10 @@ def test_with_an_api_key_every_endpoint_but_health_and_docs_needs_the_bearer_tok
                     method, path, headers=headers, params={"prompt": "hi"}
                 )
                 assert response.status_code == 401, (method, path, headers)
-                assert response.json()["detail"]
+                if path.startswith("/v1/"):  # OpenAI's error shape, for OpenAI clients
+                    assert response.json()["error"]["message"]
+                else:
+                    assert response.json()["detail"]
         ok = client.get(
             "/conversations", headers={"Authorization": f"Bearer {API_KEY}"}
         )
@@ -2407,3 +2412,504 @@ def test_a_postgres_migration_may_take_longer_than_the_apps_wait_for_an_answer(
             assert result.returncode == 0, result.stderr
         finally:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+# OpenAI-compatible front -----------------------------------------------------------------
+# The official openai SDK as the client, as users' scripts, LangChain and Open WebUI use it.
+
+
+@fake_llm.get("/v1/models")
+async def fake_models() -> dict:
+    models = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "fake"}
+        for name in ("fake", "echo")
+    ]
+    return {"object": "list", "data": models}
+
+
+def openai_client(server: Server, api_key: str = "any") -> openai.OpenAI:
+    """The SDK with its defaults (two retries among them), pointed at the app."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, timeout=20)
+
+
+@pytest.fixture
+def sdk(server: Server) -> Iterator[openai.OpenAI]:
+    with openai_client(server) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="module")
+def capped(start_app: Callable[..., Server]) -> Server:
+    return start_app(MAX_TOKENS="20", SYSTEM_PROMPT="Not for /v1 calls.")
+
+
+def unique(text: str) -> str:
+    """A message no other test sends: the threads of different tests never meet."""
+    return f"{text} {uuid.uuid4().hex[:8]}"
+
+
+def tagged(model: str) -> str:
+    """A model name no other test uses (the fake ignores the tag): list filters see one test."""
+    return f"{model}:tag={uuid.uuid4().int % 10**9}"
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def chat(
+    sdk: openai.OpenAI, messages: list[dict], model: str = "fake:pieces=2", **fields
+) -> tuple[str, httpx.Headers]:
+    """One call without streaming: the reply, and the response's headers."""
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=model, messages=messages, **fields
+    )
+    return raw.parse().choices[0].message.content, raw.headers
+
+
+def turns(client: httpx.Client, conversation_id: int | str) -> list[dict]:
+    return client.get(f"/conversations/{conversation_id}/messages").json()
+
+
+def test_v1_create_answers_a_chat_completion_and_stores_it_as_a_turn(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    prompt = unique("hello")
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="fake:pieces=3", messages=[user(prompt)]
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == "w0 w1 w2 "
+    assert completion.choices[0].finish_reason == "stop"
+    usage = completion.usage
+    counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    assert counts == (7, 3, 10)
+    stored = client.get(f"/messages/{raw.headers['x-message-id']}").json()
+    assert stored["conversation_id"] == int(raw.headers["x-conversation-id"])
+    assert (
+        stored["prompt_content"],
+        stored["response_content"],
+        stored["status_code"],
+        stored["live"],
+    ) == (prompt, "w0 w1 w2 ", 200, False)
+
+
+def test_v1_a_stream_read_to_the_end_gives_the_whole_reply_and_stores_it(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="fake:pieces=4:gap_ms=20", messages=[user(unique("hi"))], stream=True
+    )
+    chunks = list(raw.parse())
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert text == "w0 w1 w2 w3 "
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert len({(chunk.id, chunk.created) for chunk in chunks}) == 1
+    assert all(chunk.usage is None for chunk in chunks)
+    stored = client.get(f"/messages/{raw.headers['x-message-id']}").json()
+    assert (stored["response_content"], stored["is_success"]) == (text, True)
+
+
+def test_v1_the_sdks_stream_helper_gets_the_whole_reply(sdk: openai.OpenAI) -> None:
+    with sdk.chat.completions.stream(
+        model="fake:pieces=3", messages=[user(unique("hi"))]
+    ) as stream:
+        pieces = [event.delta for event in stream if event.type == "content.delta"]
+        final = stream.get_final_completion()
+    assert "".join(pieces) == final.choices[0].message.content == "w0 w1 w2 "
+    assert final.choices[0].finish_reason == "stop"
+
+
+def test_v1_include_usage_adds_a_last_chunk_with_the_usage(sdk: openai.OpenAI) -> None:
+    chunks = list(
+        sdk.chat.completions.create(
+            model="fake:pieces=2",
+            messages=[user(unique("hi"))],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    assert counts == (7, 2, 9)
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_v1_models_lists_echo_the_default_model_and_the_upstreams_once_each(
+    sdk: openai.OpenAI,
+) -> None:
+    # The default model is echo here, and the fake upstream lists "fake" and "echo".
+    assert [model.id for model in sdk.models.list()] == ["echo", "fake"]
+
+
+def test_v1_calls_that_resend_the_growing_history_stay_in_one_conversation(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    messages = [{"role": "system", "content": "Be brief."}]
+    conversations = set()
+    for prompt in ("first", "second", "third"):
+        messages.append(user(unique(prompt)))
+        reply, headers = chat(sdk, messages)
+        messages.append(assistant(reply))
+        conversations.add(headers["x-conversation-id"])
+    assert len(conversations) == 1
+    stored = turns(client, conversations.pop())
+    assert [(m["prompt_content"], m["response_content"]) for m in stored] == [
+        (messages[i]["content"], messages[i + 1]["content"]) for i in (1, 3, 5)
+    ]
+
+
+def test_v1_a_new_history_starts_a_conversation_with_its_earlier_pairs_as_turns(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    first = unique("What is SQLite?")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        user(first),
+        assistant("A database in a file."),
+        user("And Postgres?"),
+    ]
+    _, headers = chat(sdk, messages)
+    conversation = client.get(f"/conversations/{headers['x-conversation-id']}").json()
+    assert (conversation["title"], conversation["model_type"]) == (
+        first,
+        "fake:pieces=2",
+    )
+    stored = turns(client, conversation["id"])
+    assert [
+        (m["prompt_content"], m["response_content"], m["is_success"], m["status_code"])
+        for m in stored
+    ] == [
+        (first, "A database in a file.", True, 200),
+        ("And Postgres?", "w0 w1 ", True, 200),
+    ]
+    assert (stored[0]["prompt_tokens"], stored[0]["live"]) == (None, False)
+
+
+def test_v1_a_history_that_differs_from_every_thread_starts_another_conversation(
+    sdk: openai.OpenAI,
+) -> None:
+    question = user(unique("q"))
+    reply, first = chat(sdk, [question])
+    _, same = chat(sdk, [question, assistant(reply), user("more")])
+    _, edited = chat(sdk, [question, assistant("an edited reply"), user("more")])
+    assert same["x-conversation-id"] == first["x-conversation-id"]
+    assert edited["x-conversation-id"] != first["x-conversation-id"]
+
+
+def test_v1_x_conversation_id_picks_the_conversation_and_imports_nothing(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    conversation = new_conversation(client)
+    messages = [user(unique("q1")), assistant("a1"), user("q2")]
+    _, headers = chat(
+        sdk, messages, extra_headers={"X-Conversation-Id": str(conversation["id"])}
+    )
+    assert headers["x-conversation-id"] == str(conversation["id"])
+    assert [m["prompt_content"] for m in turns(client, conversation["id"])] == ["q2"]
+    picked = client.get(f"/conversations/{conversation['id']}").json()
+    assert picked["model_type"] == "fake:pieces=2"
+
+
+def test_v1_the_next_call_continues_a_conversation_picked_by_x_conversation_id(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    conversation = new_conversation(client)
+    messages = [user(unique("q1"))]
+    reply, _ = chat(
+        sdk, messages, extra_headers={"X-Conversation-Id": str(conversation["id"])}
+    )
+    _, headers = chat(sdk, [*messages, assistant(reply), user("q2")])
+    assert headers["x-conversation-id"] == str(conversation["id"])
+
+
+def test_v1_an_unknown_x_conversation_id_is_404_in_openais_shape(
+    sdk: openai.OpenAI,
+) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        chat(sdk, [user("hi")], extra_headers={"X-Conversation-Id": "2000000000"})
+    assert raised.value.response.json()["error"]["message"] == "Conversation not found"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n": 2},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "https://x/a.png"}},
+                    ],
+                }
+            ]
+        },
+        {"messages": [user("hi"), assistant("hello")]},
+        {"messages": []},
+        {"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]},
+        {"messages": [user("nul \x00 inside")]},
+    ],
+    ids=["n-2", "tools", "image", "last-not-user", "empty", "tool-role", "nul"],
+)
+def test_v1_a_request_it_cannot_honour_is_400_in_openais_shape_and_stores_nothing(
+    sdk: openai.OpenAI, client: httpx.Client, fields: dict
+) -> None:
+    newest = client.get("/conversations", params={"take": 1}).json()
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk.chat.completions.create(
+            **{"model": "echo", "messages": [user("hi")], **fields}
+        )
+    body = raised.value.response.json()
+    assert list(body) == ["error"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    assert client.get("/conversations", params={"take": 1}).json() == newest
+
+
+def test_v1_a_wrong_key_is_401_in_openais_shape_and_the_right_one_works(
+    guarded: Server,
+) -> None:
+    with (
+        openai_client(guarded, "wrong") as wrong,
+        openai_client(guarded, API_KEY) as right,
+    ):
+        with pytest.raises(openai.AuthenticationError) as raised:
+            chat(wrong, [user("hi")], model="echo")
+        assert chat(right, [user("hi")], model="echo")[0] == "hi"
+    assert raised.value.response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_v1_an_upstream_error_before_the_reply_is_raised_with_its_status_and_stored(
+    sdk: openai.OpenAI, client: httpx.Client, stream: bool
+) -> None:
+    with pytest.raises(openai.InternalServerError) as raised:
+        sdk.chat.completions.create(
+            model="fake:fail=500", messages=[user(unique("hi"))], stream=stream
+        )
+    response = raised.value.response
+    assert (response.status_code, response.headers["x-should-retry"]) == (500, "false")
+    assert response.json()["error"]["message"].startswith("The model answered 500")
+    stored = client.get(f"/messages/{response.headers['x-message-id']}").json()
+    assert (stored["is_success"], stored["status_code"]) == (False, 500)
+
+
+def test_v1_the_upstream_refusing_our_own_key_is_502_not_the_callers_401(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(sdk, [user(unique("hi"))], model="fake:fail=401")
+    assert raised.value.status_code == 502
+    message_id = raised.value.response.headers["x-message-id"]
+    assert client.get(f"/messages/{message_id}").json()["status_code"] == 401
+
+
+def test_v1_an_upstream_break_mid_stream_raises_and_stores_the_partial_reply(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="fake:pieces=5:abort=2", messages=[user(unique("hi"))], stream=True
+    )
+    seen = ""
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in raw.parse():
+            seen += chunk.choices[0].delta.content or ""
+    assert (seen, raised.value.code) == ("w0 w1 ", "502")
+    stored = client.get(f"/messages/{raw.headers['x-message-id']}").json()
+    assert (stored["is_success"], stored["status_code"]) == (False, 502)
+    assert stored["response_content"] == seen
+
+
+def test_v1_with_the_sdks_retries_on_a_failed_call_stores_one_turn(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    assert sdk.max_retries == 2
+    model = tagged("fake:fail=503")
+    with pytest.raises(openai.InternalServerError):
+        chat(sdk, [user(unique("hi"))], model=model)
+    stored = client.get("/conversations", params={"model_type": model}).json()
+    assert len(stored) == 1
+    assert len(turns(client, stored[0]["id"])) == 1
+
+
+def test_v1_a_call_beyond_max_live_replies_is_a_retryable_429(
+    start_app: Callable[..., Server],
+) -> None:
+    app = start_app(MAX_LIVE_REPLIES="1")
+    with openai_client(app) as sdk, httpx.Client(base_url=app.url) as client:
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="fake:pieces=50:gap_ms=100", messages=[user("busy")], stream=True
+        )
+        try:
+            with pytest.raises(openai.RateLimitError) as raised:
+                chat(sdk.with_options(max_retries=0), [user("me too")])
+        finally:
+            client.post(f"/messages/{raw.headers['x-message-id']}/stop")
+    assert raised.value.response.headers["retry-after"]
+    assert "x-should-retry" not in raised.value.response.headers
+
+
+def test_v1_two_calls_with_the_same_history_at_the_same_time_land_in_different_conversations(
+    sdk: openai.OpenAI,
+) -> None:
+    messages = [user(unique("shared"))]
+    reply, first = chat(sdk, messages)
+    messages += [assistant(reply), user("and then?")]
+    with ThreadPoolExecutor(2) as pool:
+        calls = [
+            pool.submit(chat, sdk, messages, "fake:pieces=3:gap_ms=300")
+            for _ in range(2)
+        ]
+        conversations = {call.result()[1]["x-conversation-id"] for call in calls}
+    assert len(conversations) == 2
+    assert first["x-conversation-id"] in conversations
+
+
+def test_v1_a_failed_call_leaves_its_conversation_to_the_next_call_with_that_history(
+    sdk: openai.OpenAI,
+) -> None:
+    messages = [user(unique("q"))]
+    reply, first = chat(sdk, messages)
+    messages += [assistant(reply), user("again")]
+    with pytest.raises(openai.InternalServerError):
+        chat(sdk, messages, model="fake:fail=500")
+    _, retried = chat(sdk, messages)
+    assert retried["x-conversation-id"] == first["x-conversation-id"]
+
+
+def test_v1_a_client_that_leaves_mid_stream_does_not_end_the_reply(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="fake:pieces=20:gap_ms=50", messages=[user(unique("hi"))], stream=True
+    )
+    stream = raw.parse()
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()
+    stored = wait_for(finished_turn(client, raw.headers["x-message-id"]))
+    assert (stored["is_success"], stored["response_content"]) == (
+        True,
+        "".join(f"w{i} " for i in range(20)),
+    )
+
+
+def test_v1_a_call_stopped_by_its_x_message_id_ends_its_stream_with_an_error(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="fake:pieces=100:gap_ms=100", messages=[user(unique("hi"))], stream=True
+    )
+    chunks = iter(raw.parse())
+    next(chunks), next(chunks)
+    stop = client.post(f"/messages/{raw.headers['x-message-id']}/stop")
+    with pytest.raises(openai.APIError) as raised:
+        list(chunks)
+    assert (stop.json()["status_code"], raised.value.code) == (499, "499")
+
+
+def test_v1_sampling_fields_reach_the_upstream_capped_by_max_tokens(
+    capped: Server, llm_requests: list[dict]
+) -> None:
+    sampling = {
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "max_tokens": 50,
+        "stop": ["\n\n"],
+        "seed": 7,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.3,
+    }
+    with openai_client(capped) as sdk:
+        chat(sdk, [user(unique("hi"))], user="not passed on", **sampling)
+    sent = llm_requests[-1]
+    assert {key: sent.get(key) for key in sampling} == {**sampling, "max_tokens": 20}
+    assert "user" not in sent
+
+
+def test_v1_the_model_gets_exactly_the_callers_messages(
+    capped: Server, llm_requests: list[dict]
+) -> None:
+    parts = [{"type": "text", "text": "line one"}, {"type": "text", "text": "line two"}]
+    messages = [{"role": "developer", "content": "Be terse."}, user(parts)]
+    with openai_client(capped) as sdk:
+        chat(sdk, messages)
+    assert llm_requests[-1]["messages"] == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "line one\nline two"},
+    ]
+
+
+def test_v1_the_stream_has_only_data_lines_and_ends_with_done(
+    client: httpx.Client,
+) -> None:
+    body = {"model": "echo", "messages": [user("one two three")], "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+
+
+@pytest.fixture
+def empty_database(database: Database, tmp_path: Path) -> Iterator[Database]:
+    """Another, empty database of the module's kind."""
+    if database.url.startswith("sqlite"):
+        path = tmp_path / "older.db"
+        yield Database(f"sqlite:///{path}", str(path))
+        return
+    with postgres_admin() as admin:
+        name = f"chat_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            url = make_url(POSTGRES_URL).set(database=name).render_as_string(False)
+            yield Database(url, name)
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def rows(database: Database, query: str) -> list[tuple]:
+    if database.url.startswith("sqlite"):
+        with sqlite3.connect(database.name) as connection:
+            found = connection.execute(query).fetchall()
+        connection.close()
+        return found
+    url = make_url(POSTGRES_URL).set(drivername="postgresql", database=database.name)
+    with psycopg.connect(url.render_as_string(False)) as connection:
+        return connection.execute(query).fetchall()
+
+
+def test_the_thread_migration_upgrades_a_database_that_holds_conversations(
+    empty_database: Database,
+) -> None:
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    before_threads = "bb608e99419b"  # the revision before 2b8d356d0649
+    assert alembic(ini, url, "upgrade", before_threads).returncode == 0
+    now = "'2026-11-25 12:00:00.000000'"
+    for conversation_id in (1, 2):
+        run_sql(
+            empty_database,
+            "INSERT INTO conversations (id, title, model_type, created_at, updated_at)"
+            f" VALUES ({conversation_id}, 'A chat', 'echo', {now}, {now})",
+        )
+        run_sql(
+            empty_database,
+            "INSERT INTO messages (conversation_id, prompt_content, response_content,"
+            f" created_at, updated_at) VALUES ({conversation_id}, 'q', 'a', {now}, {now})",
+        )
+    upgraded = alembic(ini, url, "upgrade", "head")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert alembic(ini, url, "check").returncode == 0
+    query = "SELECT id, title, thread FROM conversations ORDER BY id"
+    assert rows(empty_database, query) == [(1, "A chat", None), (2, "A chat", None)]
+    assert rows(empty_database, "SELECT count(*) FROM messages") == [(2,)]
