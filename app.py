@@ -5,6 +5,8 @@ endpoints for conversations, messages, generation and health. The HTTP API is in
 """
 
 import asyncio
+import base64
+import hashlib
 import logging
 import re
 import secrets
@@ -14,8 +16,10 @@ import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from html import escape as html_escape
 from pathlib import Path as FilePath
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import anyio
 import openai
@@ -34,9 +38,11 @@ from fastapi import (
 )
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi_offline import FastAPIOffline
 from openai.types.chat import ChatCompletionChunk
 from pydantic import AfterValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +51,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel, col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.datastructures import Headers
 
 from models import (
     INT32_MAX,
@@ -83,6 +90,7 @@ class Settings(BaseSettings):
     openai_timeout: float = Field(default=60, gt=0)
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
+    cors_origins: str = ""  # comma-separated; see "Browsers" below
 
 
 settings = Settings()
@@ -307,7 +315,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await engine.dispose()
 
 
-app = FastAPI(title="Chat backend", lifespan=lifespan)
+# Swagger UI's files come from a pinned package, not a CDN: /docs works offline.
+app = FastAPIOffline(title="Chat backend", lifespan=lifespan)
 
 
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
@@ -751,7 +760,130 @@ async def turn_from_body(
         yield events
 
 
-@api.get("/text/generate/stream", response_class=EventSourceResponse)
+# What the streams send, for the OpenAPI document (/docs) ----------------------------------
+
+
+class StreamStart(SQLModel):
+    conversation_id: int
+    message_id: int
+
+
+class StreamPiece(SQLModel):
+    content: str
+
+
+class StreamError(SQLModel):
+    detail: str
+    status_code: int
+
+
+class ErrorDetail(SQLModel):
+    detail: str | list[dict[str, Any]]
+
+
+def sse_event(name: str | None, data: dict, about: str, last: bool = False) -> dict:
+    """One kind of server-sent event: its `event:` name (None: unnamed), `id:` and JSON `data:`."""
+    event_id = (
+        {"type": "string", "pattern": r"^\d+:end$", "description": "<message_id>:end"}
+        if last
+        else {
+            "type": "string",
+            "pattern": r"^\d+:\d+$",
+            "description": "<message_id>:<offset>, the reply's length in code points so far",
+        }
+    )
+    fields = {"id": event_id}
+    if name:
+        fields["event"] = {"const": name}
+    if name == "start":
+        fields["retry"] = {"type": "integer", "description": "reconnect delay, ms"}
+    fields["data"] = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": data,
+    }
+    required = ["id", "data"] + (["event"] if name else [])
+    title = name or "piece (unnamed: a browser's 'message')"
+    return {
+        "title": title,
+        "description": about,
+        "properties": fields,
+        "required": required,
+    }
+
+
+STREAM_EVENTS = [
+    sse_event(
+        "start",
+        StreamStart.model_json_schema(),
+        "First: the turn is stored (prompt saved, is_success null).",
+    ),
+    sse_event(None, StreamPiece.model_json_schema(), "The next piece of the reply."),
+    sse_event(
+        "done",
+        {"$ref": "#/components/schemas/MessagePublic"},
+        "Last, on success: the message as stored.",
+        last=True,
+    ),
+    sse_event(
+        "error",
+        StreamError.model_json_schema(),
+        "Last, on failure: the upstream's status, 499 stopped, 502, 503, 504, 410 deleted.",
+        last=True,
+    ),
+]
+STREAM_EXAMPLE = """event: start
+id: 7:0
+retry: 3000
+data: {"conversation_id": 3, "message_id": 7}
+
+id: 7:6
+data: {"content": "hello "}
+
+id: 7:11
+data: {"content": "there"}
+
+event: done
+id: 7:end
+data: {"id": 7, "conversation_id": 3, "response_content": "hello there", ...}
+
+"""
+
+
+def error_response(description: str) -> dict:
+    schema = ErrorDetail.model_json_schema()
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+# Shared by the stream endpoints; every error comes before the stream's first byte.
+STREAM_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "A text/event-stream: `start`, then unnamed pieces `{content}`, then"
+        " exactly one `done` (the stored message) or `error` `{detail, status_code}`.",
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {"oneOf": STREAM_EVENTS},
+                "example": STREAM_EXAMPLE,
+            }
+        },
+    },
+    401: error_response("Missing or wrong API key (when API_KEY is set)"),
+    403: error_response("A browser request from another site (see CORS_ORIGINS)"),
+    404: error_response("Unknown conversation or message"),
+    409: error_response("The request conflicts with the turn's state"),
+    422: error_response("Invalid prompt, body or parameter"),
+    429: error_response("MAX_LIVE_REPLIES replies are running already (Retry-After)"),
+}
+
+
+@api.get(
+    "/text/generate/stream",
+    response_class=EventSourceResponse,
+    responses=STREAM_RESPONSES,
+)
 async def generate_stream(
     events: Annotated[AsyncIterable, Depends(turn_from_query)],
 ) -> AsyncIterable[ServerSentEvent]:
@@ -759,7 +891,11 @@ async def generate_stream(
         yield sse
 
 
-@api.post("/text/generate/stream", response_class=EventSourceResponse)
+@api.post(
+    "/text/generate/stream",
+    response_class=EventSourceResponse,
+    responses=STREAM_RESPONSES,
+)
 async def generate_stream_post(
     events: Annotated[AsyncIterable, Depends(turn_from_body)],
 ) -> AsyncIterable[ServerSentEvent]:
@@ -774,3 +910,144 @@ app.include_router(api)
 async def health(session: SessionDep) -> dict[str, str]:
     await session.exec(select(1))
     return {"status": "ok"}
+
+
+# Browsers --------------------------------------------------------------------------------
+# The chat page at /, CORS for the origins in CORS_ORIGINS, and a guard: a request that a
+# browser marks as coming from another site is refused before it reaches an endpoint, so a page
+# the user happens to visit cannot start generations or change data on their local service.
+
+PAGE = FilePath(__file__).with_name("static") / "index.html"
+
+
+def csp_hash(tag: str, html: str) -> str:
+    """The CSP source for the page's one inline <script> or <style>: inline handlers never run."""
+    body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL).group(1)
+    return (
+        f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+    )
+
+
+def page_response() -> tuple[bytes, dict[str, str]]:
+    html = PAGE.read_text()
+    headers = {
+        "Content-Security-Policy": (
+            f"default-src 'none'; script-src {csp_hash('script', html)}; "
+            f"style-src {csp_hash('style', html)}; connect-src 'self'; img-src 'self' data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        ),
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-cache",
+    }
+    model = html_escape(settings.default_model, quote=True)
+    html = html.replace('content="DEFAULT_MODEL"', f'content="{model}"', 1)
+    return html.encode(), headers
+
+
+page_body, page_headers = page_response()
+
+
+@app.get("/", include_in_schema=False)
+async def chat_page() -> HTMLResponse:
+    return HTMLResponse(page_body, headers=page_headers)
+
+
+def origin_key(origin: str) -> tuple[str, str, int | None] | None:
+    """scheme, host and port of an origin (default ports made explicit); None if malformed."""
+    try:
+        parts = urlsplit(origin.strip().lower())
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname or parts.path.strip("/"):
+        return None
+    return parts.scheme, parts.hostname, port
+
+
+def parse_cors_origins(value: str) -> dict[tuple[str, str, int | None], str]:
+    """Each origin in CORS_ORIGINS, as a key and as a browser writes it; refuses the malformed."""
+    origins = {}
+    for origin in filter(None, (o.strip() for o in value.split(","))):
+        key = origin_key(origin)
+        if key is None or key[0] not in ("http", "https"):
+            raise ValueError(
+                f"CORS_ORIGINS: {origin!r} is not an origin like http://localhost:5173"
+            )
+        scheme, host, port = key
+        host = f"[{host}]" if ":" in host else host
+        default = port == {"http": 80, "https": 443}[scheme]
+        origins[key] = f"{scheme}://{host}" + ("" if default else f":{port}")
+    return origins
+
+
+allowed_origins = parse_cors_origins(settings.cors_origins)
+
+# Open to links and requests from anywhere: they read nothing private and change nothing.
+OPEN_PATHS = {
+    "/",
+    "/health",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/openapi.json",
+}
+OPEN_PREFIXES = ("/static-offline-docs/",)  # Swagger UI's files (fastapi-offline)
+
+
+def from_another_site(scope: dict) -> bool:
+    """The contract's rule: an Origin that is neither ours nor allowed, or a Sec-Fetch-Site
+    of cross-site/same-site without an allowed Origin (an <img> sends no Origin)."""
+    headers = Headers(scope=scope)
+    origin = headers.get("origin")
+    if origin is None:
+        return headers.get("sec-fetch-site") in ("cross-site", "same-site")
+    ours = origin_key(f"{scope.get('scheme', 'http')}://{headers.get('host', '')}")
+    key = origin_key(origin)
+    return key is None or (key != ours and key not in allowed_origins)
+
+
+def refusal(path: str) -> JSONResponse:
+    """403 in the error shape of the path: OpenAI's under /v1, {"detail": ...} elsewhere."""
+    message = (
+        "Refused: a browser request from another site. "
+        "Add its origin to CORS_ORIGINS to allow it."
+    )
+    if path == "/v1" or path.startswith("/v1/"):
+        error = {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "cross_site_request",
+        }
+        return JSONResponse({"error": error}, status_code=403)
+    return JSONResponse({"detail": message}, status_code=403)
+
+
+class RefuseOtherSites:
+    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] == "http"
+            and path not in OPEN_PATHS
+            and not path.startswith(OPEN_PREFIXES)
+            and from_another_site(scope)
+        ):
+            await refusal(path)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(RefuseOtherSites)
+# Outside the guard, so that preflights get CORS's answer (none for other origins: 400).
+app.add_middleware(
+    CORSMiddleware,
+    allow_origins=list(allowed_origins.values()),
+    allow_methods=["*"],
+    allow_headers=["*"],
+    expose_headers=["X-Conversation-Id", "X-Message-Id"],
+)
