@@ -315,8 +315,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await engine.dispose()
 
 
-# Swagger UI's files come from a pinned package, not a CDN: /docs works offline.
-app = FastAPIOffline(title="Chat backend", lifespan=lifespan)
+# Swagger UI's files come from a pinned package, not a CDN: /docs works offline. (No ReDoc:
+# its page still loads a logo from its CDN.)
+app = FastAPIOffline(title="Chat backend", lifespan=lifespan, redoc_url=None)
 
 
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
@@ -850,6 +851,20 @@ data: {"id": 7, "conversation_id": 3, "response_content": "hello there", ...}
 """
 
 
+STREAM_DESCRIPTION = """A `text/event-stream` of these events, in this order (the schema of each
+is in `itemSchema`):
+
+| event | `id:` | `data:` (JSON) |
+|---|---|---|
+| `start` (also `retry:`) | `<message_id>:<offset>` | `{"conversation_id": int, "message_id": int}` |
+| unnamed, zero or more | `<message_id>:<offset>` | `{"content": str}`: the next piece of the reply |
+| `done`, or | `<message_id>:end` | the Message as stored |
+| `error` | `<message_id>:end` | `{"detail": str, "status_code": int}` |
+
+The offset counts the reply's characters (code points) so far: send the last `id` back as
+`Last-Event-ID` to `GET /messages/{message_id}/stream` to resume."""
+
+
 def error_response(description: str) -> dict:
     schema = ErrorDetail.model_json_schema()
     return {
@@ -861,8 +876,7 @@ def error_response(description: str) -> dict:
 # Shared by the stream endpoints; every error comes before the stream's first byte.
 STREAM_RESPONSES: dict[int | str, dict] = {
     200: {
-        "description": "A text/event-stream: `start`, then unnamed pieces `{content}`, then"
-        " exactly one `done` (the stored message) or `error` `{detail, status_code}`.",
+        "description": STREAM_DESCRIPTION,
         "content": {
             "text/event-stream": {
                 "itemSchema": {"oneOf": STREAM_EVENTS},
@@ -988,7 +1002,6 @@ OPEN_PATHS = {
     "/health",
     "/docs",
     "/docs/oauth2-redirect",
-    "/redoc",
     "/openapi.json",
 }
 OPEN_PREFIXES = ("/static-offline-docs/",)  # Swagger UI's files (fastapi-offline)

@@ -4,11 +4,13 @@ Every test talks HTTP to the app running in a real uvicorn, on SQLite and on Pos
 (TEST_DATABASE_URL; without it the Postgres cases skip, and under CI=true they fail). Models
 other than `echo` are served by `fake_llm` below, a small OpenAI-compatible server the tests
 run themselves; its model name scripts the reply, e.g. `fake:pieces=5:gap_ms=100`.
+The chat page's tests, at the end, drive headless Chromium, on SQLite only.
 """
 
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -26,6 +29,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    Route,
+    expect,
+    sync_playwright,
+)
 from sqlalchemy.engine import make_url
 
 PROJECT = Path(__file__).resolve().parent
@@ -1431,3 +1442,637 @@ def test_a_database_failure_while_finishing_a_turn_is_reported_and_the_app_carri
     assert client.get("/health").json() == {"status": "ok"}
     stored = client.get(f"/messages/{message_id}").json()
     assert (stored["prompt_content"], stored["is_success"]) == ("unlucky", None)
+
+
+# The chat page ---------------------------------------------------------------------------
+# Headless Chromium (Debian's `chromium`, driven by Playwright) against the app on SQLite: the
+# API's database behaviour is covered above on both databases. Every request a page makes is
+# routed: those to the service go through, any other is refused and recorded.
+
+CHROMIUM = shutil.which("chromium")
+FRIEND = (
+    "http://localhost:5173"  # an origin in CORS_ORIGINS: a front end on Vite's port
+)
+STRANGER = "http://evil.example"  # any other site
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Browser]:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs the browser tests: apt-get install -y chromium")
+        pytest.skip("the chat page's tests need Chromium: apt-get install -y chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def start_page_app(
+    llm_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Server]]:
+    """Start the app on a new SQLite file; keyword arguments are settings (env names)."""
+    workdir = tmp_path_factory.mktemp("page")
+    started = []
+
+    def start(**settings: str) -> Server:
+        port = free_port()
+        env = {
+            "DATABASE_URL": f"sqlite:///{workdir / f'chat-{port}.db'}",
+            "OPENAI_BASE_URL": llm_url,
+            "OPENAI_API_KEY": "sk-test",
+            **settings,
+        }
+        process, log = launch(["--port", str(port)], env, workdir)
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process, log)
+        return Server(url, process, log)
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def page_server(start_page_app: Callable[..., Server]) -> Server:
+    return start_page_app(CORS_ORIGINS=FRIEND)
+
+
+@pytest.fixture
+def service(page_server: Server) -> Iterator[httpx.Client]:
+    """The page's service, through its HTTP API (to arrange and to check what is stored)."""
+    with httpx.Client(base_url=page_server.url, timeout=10) as http:
+        yield http
+
+
+@dataclass
+class Requests:
+    served: list[str]  # to the service
+    elsewhere: list[str]  # to anywhere else: refused
+
+
+@pytest.fixture
+def requests_made() -> Requests:
+    return Requests([], [])
+
+
+@pytest.fixture
+def open_page(
+    chromium: Browser, page_server: Server, requests_made: Requests
+) -> Iterator[Callable[..., Page]]:
+    """open_page(path, server=..., width=..., height=...): a new tab in a new browser profile."""
+    contexts: list[BrowserContext] = []
+
+    def open_(
+        path: str = "/",
+        server: Server = page_server,
+        width: int = 1280,
+        height: int = 800,
+        context: BrowserContext | None = None,
+    ) -> Page:
+        if context is None:
+            context = chromium.new_context(viewport={"width": width, "height": height})
+            contexts.append(context)
+
+            def only_the_service(route: Route) -> None:
+                url = route.request.url
+                if url == server.url or url.startswith(f"{server.url}/"):
+                    requests_made.served.append(url)
+                    route.continue_()
+                else:
+                    requests_made.elsewhere.append(url)
+                    route.abort()
+
+            context.route("**/*", only_the_service)
+        page = context.new_page()
+        page.goto(f"{server.url}{path}")
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+
+
+def prompt_box(page: Page):
+    return page.get_by_role("textbox", name="Message", exact=True)
+
+
+def send_message(page: Page, text: str) -> None:
+    prompt_box(page).fill(text)
+    prompt_box(page).press("Enter")
+
+
+def last_reply(page: Page):
+    return page.locator(".turn .reply .text").last
+
+
+def last_status(page: Page):
+    return page.locator(".turn .status").last
+
+
+def start_new_chat(page: Page, model: str) -> None:
+    page.get_by_role("button", name="New chat").click()
+    page.get_by_label("Model").fill(model)
+
+
+def conversation_id_in_url(page: Page) -> int:
+    page.wait_for_url("**/#/c/*")
+    return int(page.url.rsplit("/", 1)[1])
+
+
+def words(count: int) -> str:
+    """The fake model's reply of `count` pieces."""
+    return "".join(f"w{i} " for i in range(count))
+
+
+def test_the_page_is_html_at_the_root_with_a_policy_that_runs_only_its_own_script(
+    service: httpx.Client,
+) -> None:
+    response = service.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+    assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+
+
+def test_a_reply_streams_into_the_page_as_it_arrives(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    page = open_page()
+    start_new_chat(page, "fake:pieces=20:gap_ms=100")
+    send_message(page, "Tell me a story")
+    reply = last_reply(page)
+    renders = []
+    deadline = time.monotonic() + 15
+    while (text := reply.text_content()) != words(20):
+        assert time.monotonic() < deadline, f"the reply stopped at {text!r}"
+        if not renders or renders[-1] != text:
+            renders.append(text)
+    partial = [text for text in renders if text]
+    assert len(partial) >= 5, renders  # seen piece by piece, not all at once at the end
+    assert all(words(20).startswith(text) for text in partial)
+    expect(last_status(page)).to_have_text("7 prompt + 20 reply = 27 tokens")
+    stored = service.get(f"/conversations/{conversation_id_in_url(page)}/messages")
+    assert [(m["prompt_content"], m["response_content"]) for m in stored.json()] == [
+        ("Tell me a story", words(20))
+    ]
+
+
+def test_a_new_chat_uses_the_model_chosen_and_is_titled_from_the_prompt(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    page = open_page()
+    expect(page.get_by_label("Model")).to_have_value("echo")  # DEFAULT_MODEL
+    start_new_chat(page, "fake:pieces=2")
+    send_message(page, "Plan a weekend in Lisbon")
+    expect(last_reply(page)).to_have_text(words(2))
+    conversation = service.get(f"/conversations/{conversation_id_in_url(page)}").json()
+    assert conversation["model_type"] == "fake:pieces=2"
+    assert conversation["title"] == "Plan a weekend in Lisbon"
+    expect(page.locator("#title")).to_have_text("Plan a weekend in Lisbon")
+    expect(page.get_by_role("link", name="Plan a weekend in Lisbon")).to_be_visible()
+
+
+def test_enter_sends_and_shift_enter_starts_a_new_line(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    page = open_page()
+    box = prompt_box(page)
+    box.click()
+    page.keyboard.type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    expect(box).to_have_value("first line\nsecond line")
+    page.keyboard.press("Enter")
+    expect(last_reply(page)).to_have_text("first line\nsecond line")
+    expect(box).to_have_value("")
+    messages = service.get(f"/conversations/{conversation_id_in_url(page)}/messages")
+    assert messages.json()[0]["prompt_content"] == "first line\nsecond line"
+
+
+def test_the_keyboard_alone_opens_a_conversation_and_continues_it(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    title = f"Keyboard {uuid.uuid4().hex[:6]}"
+    conversation = new_conversation(service, title=title)
+    page = open_page()
+    link = page.get_by_role("link", name=title)
+    expect(link).to_be_visible()
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if link.evaluate("link => link === document.activeElement"):
+            break
+    expect(link).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#title")).to_have_text(title)
+    expect(prompt_box(page)).to_be_focused()
+    page.keyboard.type("typed, not clicked")
+    page.keyboard.press("Enter")
+    expect(last_reply(page)).to_have_text("typed, not clicked")
+    stored = service.get(f"/conversations/{conversation['id']}/messages").json()
+    assert [m["response_content"] for m in stored] == ["typed, not clicked"]
+
+
+def test_an_upstream_error_is_shown_plainly_in_its_turn(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    page = open_page()
+    start_new_chat(page, "fake:fail=500")
+    send_message(page, "Will this work?")
+    expect(last_status(page)).to_have_text(
+        "Error 500: The model answered 500: Error code: 500 - scripted failure 500"
+    )
+    expect(last_status(page)).to_have_class("status error")
+    # Reopened later, the stored turn still says it failed.
+    page.reload()
+    expect(last_status(page)).to_contain_text("failed (500)")
+
+
+def test_html_in_prompts_replies_and_titles_shows_as_text(
+    open_page: Callable[..., Page],
+) -> None:
+    page = open_page()
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    markup = "<img src=x onerror=alert(1)> <b>bold?</b>"
+    send_message(page, markup)  # echo replies with the prompt itself
+    expect(last_reply(page)).to_have_text(markup)
+    expect(page.locator(".turn .prompt .text")).to_have_text(markup)
+    expect(page.locator("#title")).to_have_text(markup)  # the prompt's first words
+    expect(page.get_by_role("link", name=markup)).to_be_visible()
+    page.reload()  # and from what is stored
+    expect(last_reply(page)).to_have_text(markup)
+    assert page.locator("img, b").count() == 0
+    assert dialogs == []
+
+
+@pytest.fixture(scope="module")
+def keyed_server(start_page_app: Callable[..., Server]) -> Server:
+    return start_page_app(API_KEY=API_KEY)
+
+
+def test_with_an_api_key_the_page_asks_for_it_once_and_keeps_it(
+    open_page: Callable[..., Page], keyed_server: Server
+) -> None:
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    conversation = httpx.post(
+        f"{keyed_server.url}/conversations", json={"title": "Keyed"}, headers=bearer
+    ).json()
+    # Three requests are refused at once (the list, the conversation, its messages): one question.
+    page = open_page(f"/#/c/{conversation['id']}", server=keyed_server)
+    dialog = page.get_by_role("dialog", name="API key")
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("API key").fill(API_KEY)
+    dialog.get_by_label("API key").press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#title")).to_have_text("Keyed")
+    send_message(page, "with the key")
+    expect(last_reply(page)).to_have_text("with the key")
+    expect(dialog).to_be_hidden()
+    assert page.evaluate("localStorage.getItem('chat-backend:api-key')") == API_KEY
+    page.reload()
+    expect(page.get_by_role("link", name="Keyed")).to_be_visible()
+    expect(dialog).to_be_hidden()
+    stored = httpx.get(
+        f"{keyed_server.url}/conversations/{conversation['id']}/messages",
+        headers=bearer,
+    ).json()
+    assert [m["response_content"] for m in stored] == ["with the key"]
+
+
+def test_a_refused_api_key_is_asked_for_again(
+    open_page: Callable[..., Page], keyed_server: Server
+) -> None:
+    page = open_page(server=keyed_server)
+    dialog = page.get_by_role("dialog", name="API key")
+    dialog.get_by_label("API key").fill("not the key")
+    dialog.get_by_label("API key").press("Enter")
+    expect(dialog).to_contain_text("refused")
+    dialog.get_by_label("API key").fill(API_KEY)
+    dialog.get_by_label("API key").press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#list-note")).not_to_contain_text("API key")
+
+
+def test_rename_and_delete_a_conversation(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    conversation = new_conversation(service, title="Old name")
+    page = open_page(f"/#/c/{conversation['id']}")
+    page.get_by_role("button", name="Rename").click()
+    page.get_by_label("Title").fill("New <name>")
+    page.get_by_label("Title").press("Enter")
+    expect(page.locator("#title")).to_have_text("New <name>")
+    expect(page.get_by_role("link", name="New <name>")).to_be_visible()
+    url = f"/conversations/{conversation['id']}"
+    assert service.get(url).json()["title"] == "New <name>"
+    page.get_by_role("button", name="Delete").click()
+    page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+    expect(page.locator("#title")).to_have_text("New chat")
+    expect(page.get_by_role("link", name="New <name>")).to_have_count(0)
+    assert service.get(url).status_code == 404
+
+
+def test_150_conversations_show_newest_first_with_load_more(
+    open_page: Callable[..., Page], start_page_app: Callable[..., Server]
+) -> None:
+    server = start_page_app()
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        for i in range(150):
+            new_conversation(http, title=f"Chat {i:03}")
+    page = open_page(server=server)
+    links = page.locator("#conversations a .title")
+    expect(links.first).to_have_text("Chat 149")
+    load_more = page.get_by_role("button", name="Load more")
+    assert links.count() < 150
+    clicks = 0
+    while load_more.is_visible():
+        shown = links.count()
+        load_more.click()
+        expect(links).not_to_have_count(shown)
+        clicks += 1
+    assert clicks >= 2
+    assert links.all_text_contents() == [f"Chat {i:03}" for i in reversed(range(150))]
+
+
+def test_the_page_and_the_docs_ask_nothing_of_any_other_host(
+    open_page: Callable[..., Page], requests_made: Requests
+) -> None:
+    page = open_page()
+    send_message(page, "offline, please")
+    expect(last_reply(page)).to_have_text("offline, please")
+    page.goto(page.url.split("#")[0] + "docs")
+    expect(page.get_by_text("/text/generate/stream").first).to_be_visible()
+    assert requests_made.elsewhere == []
+    assert any(url.endswith("/swagger-ui-bundle.js") for url in requests_made.served)
+
+
+def test_the_docs_work_offline_with_the_stream_endpoints_listed(
+    open_page: Callable[..., Page],
+) -> None:
+    page = open_page("/docs")
+    operation = page.locator(".opblock", has_text="/text/generate/stream").first
+    expect(operation).to_be_visible()
+    operation.locator(".opblock-summary").click()
+    expect(operation).to_contain_text("text/event-stream")
+    expect(operation).to_contain_text("403")
+
+
+def test_the_openapi_document_describes_the_event_streams_and_their_errors(
+    service: httpx.Client,
+) -> None:
+    paths = service.get("/openapi.json").json()["paths"]
+    streams = [
+        paths["/text/generate/stream"]["get"],
+        paths["/text/generate/stream"]["post"],
+    ]
+    for operation in streams:
+        content = operation["responses"]["200"]["content"]["text/event-stream"]
+        events = {e["title"].split()[0]: e for e in content["itemSchema"]["oneOf"]}
+        assert set(events) == {"start", "piece", "done", "error"}
+        for name in ("start", "done", "error"):
+            assert events[name]["properties"]["event"] == {"const": name}
+        data = {name: e["properties"]["data"] for name, e in events.items()}
+        assert all(d["contentMediaType"] == "application/json" for d in data.values())
+        assert set(data["start"]["contentSchema"]["required"]) == {
+            "conversation_id",
+            "message_id",
+        }
+        assert data["piece"]["contentSchema"]["required"] == ["content"]
+        assert data["done"]["contentSchema"] == {
+            "$ref": "#/components/schemas/MessagePublic"
+        }
+        assert set(data["error"]["contentSchema"]["required"]) == {
+            "detail",
+            "status_code",
+        }
+        for status in ("401", "403", "404", "409", "422", "429"):
+            error = operation["responses"][status]["content"]["application/json"]
+            assert error["schema"]["required"] == ["detail"], status
+
+
+# Requests from other sites (plain HTTP, with the headers browsers send)
+
+
+def test_another_origin_is_refused_on_every_api_endpoint_before_anything_is_stored(
+    service: httpx.Client,
+) -> None:
+    before = service.get("/conversations").json()
+    openapi = service.get("/openapi.json").json()
+    operations = [op for op in every_operation(openapi) if op[1] != "/health"]
+    assert len(operations) >= 12
+    for method, path in operations:
+        response = service.request(
+            method,
+            path,
+            params={"prompt": "from elsewhere"},
+            json={"title": "x", "prompt": "from elsewhere"},
+            headers={"Origin": STRANGER},
+        )
+        assert response.status_code == 403, (method, path)
+        assert "CORS_ORIGINS" in response.json()["detail"]
+    assert service.get("/conversations").json() == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},  # an <img> on another site: no Origin
+        {"Sec-Fetch-Site": "same-site"},  # an <img> on another local port
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"},
+        {"Origin": "null"},  # a sandboxed frame, a file:// page
+        {"Origin": "http://localhost:5173.evil.example"},
+    ],
+)
+def test_a_browser_request_from_elsewhere_is_refused(
+    service: httpx.Client, headers: dict
+) -> None:
+    before = service.get("/conversations").json()
+    response = service.get(
+        "/text/generate/stream", params={"prompt": "hi"}, headers=headers
+    )
+    assert response.status_code == 403
+    assert response.json()["detail"]
+    assert service.get("/conversations").json() == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # curl, SDKs, servers
+        {"Sec-Fetch-Site": "same-origin"},
+        {"Sec-Fetch-Site": "none"},  # typed in the address bar
+        {"Origin": "own", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": FRIEND, "Sec-Fetch-Site": "same-site"},
+    ],
+)
+def test_requests_from_the_service_itself_an_allowed_origin_or_no_browser_pass(
+    service: httpx.Client, page_server: Server, headers: dict
+) -> None:
+    if headers.get("Origin") == "own":
+        headers = {**headers, "Origin": page_server.url}
+    response = service.post("/conversations", json={"title": "ok"}, headers=headers)
+    assert response.status_code == 201
+
+
+def test_an_allowed_origin_may_call_and_read_the_conversation_id(
+    service: httpx.Client,
+) -> None:
+    preflight = service.options(
+        "/text/generate/stream",
+        headers={
+            "Origin": FRIEND,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == FRIEND
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    with service.stream(
+        "POST",
+        "/text/generate/stream",
+        json={"prompt": "hi from vite"},
+        headers={"Origin": FRIEND},
+    ) as response:
+        events = list(iter_events(response))
+    assert response.headers["access-control-allow-origin"] == FRIEND
+    exposed = response.headers["access-control-expose-headers"].lower()
+    assert "x-conversation-id" in exposed and "x-message-id" in exposed
+    assert events[-1][0] == "done"
+
+
+def test_a_preflight_from_another_origin_gets_no_allow_headers(
+    service: httpx.Client,
+) -> None:
+    response = service.options(
+        "/conversations",
+        headers={"Origin": STRANGER, "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/docs", "/openapi.json"])
+def test_the_page_the_docs_and_health_open_from_links_anywhere(
+    service: httpx.Client, path: str
+) -> None:
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": STRANGER}):
+        assert service.get(path, headers=headers).status_code == 200, headers
+
+
+def test_swagger_uis_files_open_from_anywhere(service: httpx.Client) -> None:
+    docs = service.get("/docs").text
+    files = [part.split('"')[0] for part in docs.split('="')[1:] if "/static" in part]
+    assert any(name.endswith(".js") for name in files)
+    for name in files:
+        response = service.get(name, headers={"Sec-Fetch-Site": "cross-site"})
+        assert response.status_code == 200, name
+
+
+def test_under_v1_the_refusal_has_openais_error_shape(service: httpx.Client) -> None:
+    response = service.get("/v1/models", headers={"Origin": STRANGER})
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "CORS_ORIGINS" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "origins", ["localhost:5173", "http://localhost:5173/app", "*"]
+)
+def test_a_malformed_cors_origins_setting_is_refused_at_start(
+    tmp_path: Path, origins: str
+) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CORS_ORIGINS": origins}
+    process, log = launch(["--port", str(free_port())], env, tmp_path)
+    assert process.wait(30) != 0
+    assert "CORS_ORIGINS" in log.read_text()
+
+
+# From a page on another port, in the browser
+
+
+@pytest.fixture
+def other_site() -> Iterator[str]:
+    """A page served on another local port: another origin, the same site."""
+
+    class Blank(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>Another site</title><p>elsewhere</p>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{http.server_address[1]}"
+    http.shutdown()
+
+
+CALL_FROM_PAGE = """async (api) => {
+    const outcome = async (promise) => {
+        try {
+            const response = await promise;
+            return response.type === "opaque" ? "opaque" : response.status;
+        } catch (error) {
+            return "blocked";
+        }
+    };
+    const image = await new Promise((resolve) => {
+        const img = new Image();
+        img.onload = () => resolve("loaded");
+        img.onerror = () => resolve("failed");
+        img.src = `${api}/text/generate/stream?prompt=from%20an%20img`;
+    });
+    return {
+        image,
+        simple: await outcome(fetch(`${api}/text/generate/stream?prompt=from%20no-cors`, {mode: "no-cors"})),
+        json: await outcome(fetch(`${api}/conversations`, {
+            method: "POST",
+            headers: {"Content-Type": "application/json"},
+            body: JSON.stringify({title: "from another port"}),
+        })),
+    };
+}"""
+
+
+def test_a_page_on_another_port_starts_nothing_unless_its_origin_is_allowed(
+    chromium: Browser, start_page_app: Callable[..., Server], other_site: str
+) -> None:
+    closed, open_to_it = start_page_app(), start_page_app(CORS_ORIGINS=other_site)
+    context = chromium.new_context()
+    page = context.new_page()
+    page.goto(other_site)
+    try:
+        refused = page.evaluate(CALL_FROM_PAGE, closed.url)
+        allowed = page.evaluate(CALL_FROM_PAGE, open_to_it.url)
+        conversation_id = page.evaluate(
+            """async (api) => {
+                const response = await fetch(`${api}/text/generate/stream`, {
+                    method: "POST",
+                    headers: {"Content-Type": "application/json"},
+                    body: JSON.stringify({prompt: "read the id"}),
+                });
+                await response.text();
+                return response.headers.get("X-Conversation-Id");
+            }""",
+            open_to_it.url,
+        )
+    finally:
+        context.close()
+    assert refused == {"image": "failed", "simple": "opaque", "json": "blocked"}
+    assert httpx.get(f"{closed.url}/conversations").json() == []
+    assert closed.output().count('" 403') == 2  # the <img> and the no-cors GET
+    assert allowed["json"] == 201
+    titles = {c["title"] for c in httpx.get(f"{open_to_it.url}/conversations").json()}
+    assert "from another port" in titles
+    assert conversation_id and conversation_id.isdigit()
