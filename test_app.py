@@ -2076,3 +2076,97 @@ def test_a_page_on_another_port_starts_nothing_unless_its_origin_is_allowed(
     titles = {c["title"] for c in httpx.get(f"{open_to_it.url}/conversations").json()}
     assert "from another port" in titles
     assert conversation_id and conversation_id.isdigit()
+
+
+def seed_a_chat(http: httpx.Client) -> int:
+    """A few conversations, the last with turns that ended each way; returns its id."""
+    for title, model_type in [
+        ("Birthday gift ideas", "echo"),
+        ("Fix my bash loop", "llama3.2"),
+        ("Summarize this article", "gpt-4o-mini"),
+    ]:
+        new_conversation(http, title=title, model_type=model_type)
+    chat = new_conversation(http, title="Weekend in Lisbon", model_type="gpt-4o-mini")
+    turns = [
+        {
+            "prompt_content": "Plan a relaxed weekend in Lisbon for two.",
+            "response_content": "Saturday\n- Morning: coffee and pastéis de nata in Belém,"
+            " then the Jerónimos Monastery.\n- Afternoon: tram 28 up to Alfama; the view"
+            " from Miradouro de Santa Luzia.\n- Evening: dinner in Príncipe Real.\n\n"
+            "Sunday\n- LX Factory for brunch and bookshops, then a sunset walk along the river.",
+            "prompt_tokens": 14,
+            "response_tokens": 72,
+            "total_tokens": 86,
+            "is_success": True,
+            "status_code": 200,
+        },
+        {
+            "prompt_content": "Where should we eat on Saturday night? Nothing too touristy.",
+            "response_content": "Try the small tascas in Campo de Ourique: grilled fish,",
+            "is_success": False,
+            "status_code": 499,
+        },
+        {
+            "prompt_content": "And a plan for a rainy day?",
+            "response_content": "",
+            "is_success": False,
+            "status_code": 502,
+        },
+    ]
+    for turn in turns:
+        response = http.post(f"/conversations/{chat['id']}/messages", json=turn)
+        assert response.status_code == 201, response.text
+    return chat["id"]
+
+
+@pytest.mark.parametrize(
+    "name, width, height", [("desktop", 1280, 800), ("phone", 390, 844)]
+)
+def test_the_page_fits_desktop_and_phone_widths(
+    open_page: Callable[..., Page],
+    start_page_app: Callable[..., Server],
+    tmp_path: Path,
+    name: str,
+    width: int,
+    height: int,
+) -> None:
+    """UPDATE_SCREENSHOTS=1 saves the pictures as static/screenshot*.png for the README."""
+    server = start_page_app()
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        chat = seed_a_chat(http)
+    page = open_page(f"/#/c/{chat}", server=server, width=width, height=height)
+    expect(page.locator(".turn")).to_have_count(3)
+    expect(page.locator(".turn .status")).to_have_text(
+        [
+            "14 prompt + 72 reply = 86 tokens",
+            "Stopped",
+            "The model could not be reached, or its reply broke off (502)",
+        ]
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for element in [
+        *page.locator(".turn .text").filter(visible=True).all(),
+        page.locator("#title"),
+        prompt_box(page),
+        page.get_by_role("button", name="Send"),
+    ]:
+        box = element.bounding_box()
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width, element
+    folder = PROJECT / "static" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
+    suffix = "" if name == "desktop" else f"-{name}"
+    page.screenshot(path=folder / f"screenshot{suffix}.png")
+
+
+def test_at_phone_width_the_list_opens_over_the_chat_and_closes_on_a_choice(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    title = f"Pocket {uuid.uuid4().hex[:6]}"
+    new_conversation(service, title=title)
+    page = open_page(width=390, height=844)
+    link = page.get_by_role("link", name=title)
+    expect(link).to_be_hidden()
+    page.get_by_role("button", name="Chats").click()
+    expect(link).to_be_visible()
+    link.click()
+    expect(page.locator("#title")).to_have_text(title)
+    expect(link).to_be_hidden()
