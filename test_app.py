@@ -1757,6 +1757,24 @@ def test_a_refused_api_key_is_asked_for_again(
     expect(page.locator("#list-note")).not_to_contain_text("API key")
 
 
+def test_a_dismissed_key_prompt_leaves_a_way_to_enter_the_key(
+    open_page: Callable[..., Page], keyed_server: Server
+) -> None:
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    conversation = httpx.post(
+        f"{keyed_server.url}/conversations", json={"title": "Later"}, headers=bearer
+    ).json()
+    page = open_page(f"/#/c/{conversation['id']}", server=keyed_server)
+    dialog = page.get_by_role("dialog", name="API key")
+    expect(dialog).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#turns")).to_contain_text("This service needs an API key.")
+    page.get_by_role("button", name="Enter the API key").click()
+    dialog.get_by_label("API key").fill(API_KEY)
+    dialog.get_by_label("API key").press("Enter")
+    expect(page.locator("#title")).to_have_text("Later")
+
+
 def test_rename_and_delete_a_conversation(
     open_page: Callable[..., Page], service: httpx.Client
 ) -> None:
