@@ -7,15 +7,18 @@ endpoints for conversations, messages, generation and health. The HTTP API is in
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import re
 import secrets
 import signal
-import textwrap
+import sqlite3
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from html import escape as html_escape
 from pathlib import Path as FilePath
 from typing import Annotated, Any
@@ -23,13 +26,15 @@ from urllib.parse import urlsplit
 
 import anyio
 import openai
+import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from anyio.streams.memory import MemoryObjectSendStream
 from fastapi import (
     APIRouter,
+    Body,
     Depends,
     FastAPI,
+    Header,
     HTTPException,
     Path,
     Query,
@@ -41,20 +46,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.sse import EventSourceResponse, format_sse_event
 from fastapi_offline import FastAPIOffline
 from openai.types.chat import ChatCompletionChunk
-from pydantic import AfterValidator, Field, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import event, exc, true
+from sqlalchemy import event, exc, func, true
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import SQLModel, col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.datastructures import Headers
 
 from models import (
     INT32_MAX,
+    MAX_TEXT_CHARS,
+    STRICT,
     Conversation,
     ConversationCreate,
     ConversationPublic,
@@ -63,6 +78,7 @@ from models import (
     Message,
     MessageCreate,
     MessagePublic,
+    storable_piece,
     storable_text,
     utc_now,
 )
@@ -91,6 +107,27 @@ class Settings(BaseSettings):
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
     cors_origins: str = ""  # comma-separated; see "Browsers" below
+    checkpoint_ms: int = Field(default=500, ge=10)
+    dead_turn_seconds: float = Field(default=30, ge=3)
+    max_live_replies: int = Field(default=100, ge=1)
+
+    @field_validator("max_prompt_chars")
+    @classmethod
+    def prompt_fits_a_message(cls, value: int) -> int:
+        if value > MAX_TEXT_CHARS:
+            raise ValueError(
+                f"MAX_PROMPT_CHARS must be at most {MAX_TEXT_CHARS:,}: a message holds no more"
+            )
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def key_can_be_typed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(
+                "API_KEY is only whitespace: no client could send it (unset it for no auth)"
+            )
+        return value
 
 
 settings = Settings()
@@ -112,6 +149,40 @@ def async_database_url(url: str) -> str:
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
 
 
+# A database that stops answering (a hung server, a dead network path) should cost a request
+# seconds, not minutes: each wait for it (to connect, for an answer, for a free pooled
+# connection) gives up after this long, and the request answers 503.
+DATABASE_TIMEOUT = 5  # seconds
+
+
+class BoundedConnection(psycopg.AsyncConnection):
+    """A psycopg connection that gives up when an answer takes over `answer_timeout` seconds.
+
+    `connect_timeout` bounds only connecting: on an open connection a query waits for the
+    socket as long as the OS keeps it, minutes. psycopg does every such wait (queries, commits,
+    SQLAlchemy's pre-ping) in `wait()`, which takes a timeout. asyncio.timeout() around it would
+    not do: cancelled, psycopg first asks the server to cancel the query, which cannot answer.
+    On timeout the connection is closed (it is mid-exchange, of no further use): SQLAlchemy
+    sees a disconnect, drops it with the rest of the pool, and connects anew when asked.
+    Not for LISTEN, whose waits are rightly long.
+    """
+
+    answer_timeout: float | None = DATABASE_TIMEOUT  # None: wait as long as it takes
+
+    async def wait(
+        self, gen: Any, interval: float = 0.1, timeout: float | None = None
+    ) -> Any:
+        if timeout is not None or self.answer_timeout is None:  # a bound of its own
+            return await super().wait(gen, interval, timeout)
+        try:
+            return await super().wait(gen, interval, self.answer_timeout)
+        except psycopg.errors._WaitTimeout:  # what psycopg raises when `timeout` passes
+            await self.close()
+            raise psycopg.OperationalError(
+                f"The database did not answer in {self.answer_timeout} s"
+            ) from None
+
+
 database_url = async_database_url(settings.database_url)
 is_sqlite = database_url.startswith("sqlite")
 if is_sqlite:
@@ -119,8 +190,19 @@ if is_sqlite:
     # to 100 ms a try: under load some wait for seconds. One connection makes them queue.
     engine = create_async_engine(database_url, pool_size=1, max_overflow=0)
 else:
-    # A database that stops answering should cost a request a few seconds, not minutes.
-    engine = create_async_engine(database_url, connect_args={"connect_timeout": 5})
+    engine = create_async_engine(
+        database_url,
+        # The pool hands out connections the server has closed since (a restart, a failover)
+        # unless it tries each one first; a dead one is replaced and no request fails.
+        pool_pre_ping=True,
+        # On a frozen database every pooled connection is stuck: do not queue for 30 s
+        # (the default) for one.
+        pool_timeout=DATABASE_TIMEOUT,
+        connect_args={
+            "connect_timeout": DATABASE_TIMEOUT,
+            "async_creator_fn": BoundedConnection.connect,
+        },
+    )
 
 
 if is_sqlite:
@@ -130,8 +212,18 @@ if is_sqlite:
         cursor = dbapi_connection.cursor()
         # Without it SQLite ignores ON DELETE CASCADE.
         cursor.execute("PRAGMA foreign_keys = ON")
-        # Readers and the writer do not block each other.
-        cursor.execute("PRAGMA journal_mode = WAL")
+        # Readers and the writer do not block each other. The mode is kept in the file; when
+        # several processes switch a new file at once, SQLite refuses some of them at once
+        # ("database is locked", without waiting): they try again. (It blocks the event loop,
+        # for milliseconds, only on a new file.)
+        for attempt in range(50):
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.02)
         # Safe with WAL: a crash loses nothing, a power cut at most the last commits.
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
@@ -147,6 +239,7 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
 def migrate_to_head(connection: Any) -> None:
+    """Run on a connection outside any transaction: migrations/env.py begins and commits it."""
     config = AlembicConfig(FilePath(__file__).with_name("alembic.ini"))
     config.attributes["connection"] = connection  # migrations/env.py runs on it
     command.upgrade(config, "head")
@@ -163,24 +256,6 @@ llm = openai.AsyncOpenAI(
     timeout=settings.openai_timeout,  # also the longest wait between two pieces of a reply
     max_retries=0,  # a retry would replay the turn; the caller sees the error and decides
 )
-
-
-@dataclass
-class Reply:
-    pieces: list[str] = field(default_factory=list)
-    finished: bool = False  # the model said why it stopped (finish_reason)
-    prompt_tokens: int | None = None
-    response_tokens: int | None = None
-    total_tokens: int | None = None
-
-
-async def stream_echo(prompt: str, reply: Reply, send: MemoryObjectSendStream) -> None:
-    for word in re.findall(r"\s*\S+\s*", prompt):
-        reply.pieces.append(word)
-        await send.send(ServerSentEvent(data={"content": word}))
-    reply.prompt_tokens = reply.response_tokens = len(prompt.split())
-    reply.total_tokens = reply.prompt_tokens + reply.response_tokens
-    reply.finished = True
 
 
 async def open_llm_reply(
@@ -206,27 +281,6 @@ async def open_llm_reply(
     )
 
 
-async def stream_llm(
-    stream: openai.AsyncStream[ChatCompletionChunk],
-    reply: Reply,
-    send: MemoryObjectSendStream,
-) -> None:
-    async with stream:
-        async for chunk in stream:
-            # Usage comes in an extra last chunk, from servers that honour include_usage.
-            if chunk.usage:
-                reply.prompt_tokens = chunk.usage.prompt_tokens
-                reply.response_tokens = chunk.usage.completion_tokens
-                reply.total_tokens = chunk.usage.total_tokens
-            if not chunk.choices:
-                continue
-            if chunk.choices[0].finish_reason:
-                reply.finished = True
-            if content := chunk.choices[0].delta.content:
-                reply.pieces.append(content)
-                await send.send(ServerSentEvent(data={"content": content}))
-
-
 def chat_messages(prompt: str, history: list[tuple[str, str]]) -> list[dict]:
     """SYSTEM_PROMPT, then the earlier (prompt, reply) pairs, oldest first, then the prompt."""
     messages = []
@@ -239,18 +293,31 @@ def chat_messages(prompt: str, history: list[tuple[str, str]]) -> list[dict]:
     return messages
 
 
+def one_line(text: str, width: int) -> str:
+    """The text's first characters on one line, cut at a word where one ends near the limit."""
+    line = " ".join(storable_piece(text).split())
+    if len(line) <= width:
+        return line
+    cut = line[: width - 3]
+    # A first word longer than the whole width (a URL, Chinese) is cut inside the word.
+    head = cut.rsplit(" ", 1)[0] if " " in cut[width // 2 :] else cut
+    return head.rstrip() + "..."
+
+
 def short_title(text: str) -> str:
-    """One line of at most 60 characters; the prompt's own words serve until the LLM's title is in."""
-    # An LLM may send anything, even NUL or half a surrogate pair.
-    storable = text.replace("\x00", "").encode(errors="ignore").decode()
-    line = " ".join(storable.split()).strip("\"'` ")
-    return textwrap.shorten(line, width=60, placeholder="...") or "New conversation"
+    """At most 60 characters; the prompt's own words serve until the LLM's title is in."""
+    return one_line(text, 60).strip("\"'` ") or "New conversation"
 
 
-# Stopping streams on shutdown ------------------------------------------------------------
+def upstream_error(error: openai.APIStatusError) -> str:
+    # The body may be an HTML error page or carry internal details: keep one short line.
+    return f"The model answered {error.status_code}: {one_line(error.message, 300)}"
+
+
+# Stopping live work on shutdown ----------------------------------------------------------
 # Uvicorn waits for open streams before it shuts down, so a long reply would hold a restart.
-# On SIGTERM/SIGINT the app cancels its live work: each turn stores what it has (503),
-# tells the client, and the stream ends.
+# On SIGTERM/SIGINT the app cancels its live work: each reply stores what it has (503) and
+# tells its clients, and their streams end.
 
 live_work: set[anyio.CancelScope] = set()
 stopping = False
@@ -307,10 +374,15 @@ def shutdown_signals_stop_live_work() -> Iterator[None]:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with engine.begin() as connection:
+    async with engine.connect() as connection:
         await connection.run_sync(migrate_to_head)
     with shutdown_signals_stop_live_work():
+        reaper = asyncio.create_task(close_dead_turns_forever())
         yield
+        reaper.cancel()
+        stop_live_work()  # without a signal too, e.g. when a test client closes the app
+        with anyio.move_on_after(15):  # each stores its end within about 10 s
+            await asyncio.gather(*background_tasks, return_exceptions=True)
     await llm.close()
     await engine.dispose()
 
@@ -325,8 +397,18 @@ async def database_unavailable(request: Request, error: Exception) -> JSONRespon
     return JSONResponse({"detail": "Database unavailable"}, status_code=503)
 
 
-for error_class in (exc.OperationalError, exc.InterfaceError, exc.TimeoutError):
+DATABASE_ERRORS = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
+for error_class in DATABASE_ERRORS:
     app.add_exception_handler(error_class, database_unavailable)
+
+
+@app.exception_handler(StaleDataError)
+@app.exception_handler(exc.IntegrityError)
+async def deleted_meanwhile(request: Request, error: Exception) -> JSONResponse:
+    # A DELETE committed between this request's read and its write: the row it changes is
+    # gone (StaleDataError), or the conversation a new row belongs to (a foreign key error).
+    gone = "Message" if request.url.path.startswith("/messages/") else "Conversation"
+    return JSONResponse({"detail": f"{gone} not found"}, status_code=404)
 
 
 @app.exception_handler(RequestValidationError)
@@ -350,7 +432,8 @@ async def require_api_key(
 ) -> None:
     if settings.api_key is None:
         return
-    given = credentials.credentials.encode() if credentials else b""
+    # Starlette reads header values as Latin-1: back to the bytes sent, which are UTF-8.
+    given = credentials.credentials.encode("latin-1") if credentials else b""
     if not secrets.compare_digest(given, settings.api_key.get_secret_value().encode()):
         raise HTTPException(
             401, "Invalid or missing API key", headers={"WWW-Authenticate": "Bearer"}
@@ -454,12 +537,18 @@ async def find_message(message_id: MessageId, session: SessionDep) -> Message:
 MessageDep = Annotated[Message, Depends(find_message)]
 
 
-async def touch_conversation(session: AsyncSession, conversation_id: int) -> None:
-    """A change to a conversation's messages is activity in that conversation."""
+async def touch_conversation(
+    session: AsyncSession, conversation_id: int, at: datetime | None = None
+) -> None:
+    """A change to a conversation's messages is activity in that conversation.
+
+    Lock the conversation before its message, as a DELETE of the conversation does, or the
+    two wait for each other (Postgres ends that deadlock by failing one).
+    """
     await session.exec(
         update(Conversation)
         .where(col(Conversation.id) == conversation_id)
-        .values(updated_at=utc_now())
+        .values(updated_at=at or utc_now())
     )
 
 
@@ -497,23 +586,257 @@ async def read_message(message: MessageDep) -> MessagePublic:
 async def replace_message(
     body: MessageCreate, message: MessageDep, session: SessionDep
 ) -> MessagePublic:
-    message.sqlmodel_update(body.model_dump(), update={"updated_at": utc_now()})
+    if message.live:
+        raise HTTPException(409, "The message is live: its reply is being generated")
     await touch_conversation(session, message.conversation_id)
+    message.sqlmodel_update(body.model_dump(), update={"updated_at": utc_now()})
     await session.commit()
     return message
 
 
 @api.delete("/messages/{message_id}", status_code=204)
 async def delete_message(message: MessageDep, session: SessionDep) -> None:
-    await session.delete(message)
     await touch_conversation(session, message.conversation_id)
+    await session.delete(message)
     await session.commit()
+
+
+# Live replies ----------------------------------------------------------------------------
+# A reply belongs to the server, not to the request that started it: it runs in a task of its
+# own (run_reply) until the model ends it, a stop, a deletion or shutdown, and stores its end
+# exactly once. Clients follow it, in this process from memory, from any other process through
+# its row, which the reply writes every CHECKPOINT_MS while its text changes (a checkpoint) and
+# every DEAD_TURN_SECONDS/3 anyway (a heartbeat). A live row that stops beating belongs to a
+# process that died, and any worker closes it (close_dead_turns).
+#
+# Every event carries an id, `<message_id>:<offset>` (the characters of reply text sent up to
+# and including it) or `<message_id>:end` on the final event, so a client that lost its
+# connection asks for the rest with a Last-Event-ID header and gets each character once.
+
+STOPPED = (
+    499  # the status of a stopped reply; set on a live row, it asks its process to stop
+)
+RETRY_MS = 1000  # how soon a browser's EventSource reconnects
+PING_SECONDS = 15  # a comment line that keeps idle connections open through proxies
+background_tasks: set[asyncio.Task] = set()
+
+
+def in_background(work: Coroutine) -> None:
+    task = asyncio.create_task(work)
+    background_tasks.add(task)  # the loop keeps only a weak reference
+    task.add_done_callback(background_tasks.discard)
+
+
+@dataclass(eq=False)
+class LiveReply:
+    message_id: int
+    conversation_id: int
+    pieces: list[str] = field(default_factory=list)
+    length: int = 0  # characters so far
+    finished: bool = False  # the model said why it stopped (finish_reason)
+    usage: dict[str, int | None] = field(default_factory=dict)
+    changed: asyncio.Event = field(
+        default_factory=asyncio.Event
+    )  # replaced on each change
+    stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    ended_by: tuple[int, str] | None = (
+        None  # a stop or a deletion, before the model's end
+    )
+    final: bytes | None = None  # the done or error event, once the end is stored
+    stored: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, piece: str) -> bool:
+        """Append a piece as it can be stored; False once the text is as long as a message holds."""
+        room = MAX_TEXT_CHARS - self.length
+        piece = storable_piece(piece)[:room]
+        if piece:
+            self.pieces.append(piece)
+            self.length += len(piece)
+            self.wake_followers()
+        return len(piece) < room
+
+    def set_usage(self, prompt: Any, response: Any, total: Any) -> None:
+        # A model may report anything; a count a column cannot hold is unknown.
+        counts = {
+            "prompt_tokens": prompt,
+            "response_tokens": response,
+            "total_tokens": total,
+        }
+        self.usage = {
+            name: value if type(value) is int and 0 <= value <= INT32_MAX else None
+            for name, value in counts.items()
+        }
+
+    def wake_followers(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    def end(self, status_code: int, detail: str) -> None:
+        if self.ended_by is None:
+            self.ended_by = (status_code, detail)
+            self.stop.cancel()
+
+
+live_replies: dict[int, LiveReply] = {}  # this process's replies, by message id
+
+
+async def run_reply(
+    reply: LiveReply, opening: asyncio.Task | None, prompt: str
+) -> None:
+    outcome = None
+    with cancelled_on_shutdown(reply.stop):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(checkpoint, reply)
+            outcome = await generate(reply, opening, prompt)
+            tasks.cancel_scope.cancel()
+    if opening:
+        opening.cancel()  # in case the reply was stopped before it opened
+    if outcome is None:  # ended early
+        outcome = reply.ended_by or (503, "The server is shutting down")
+    reply.final = await store_end(reply, *outcome)
+    del live_replies[reply.message_id]
+    reply.stored.set()
+    reply.wake_followers()
+
+
+def database_clock() -> Any:
+    """Now, for heartbeats: by the database server's clock, since app hosts' clocks may differ."""
+    return utc_now() if is_sqlite else func.now()  # a SQLite file has one host
+
+
+async def checkpoint(reply: LiveReply) -> None:
+    """Write the text so far to the row when it changed, and a heartbeat; see stops and deletions."""
+    stored_length, stored_at = 0, time.monotonic()
+    live_row = (col(Message.id) == reply.message_id) & col(Message.live)
+    while True:
+        await asyncio.sleep(settings.checkpoint_ms / 1000)
+        length = reply.length
+        write = length != stored_length or (
+            time.monotonic() - stored_at > settings.dead_turn_seconds / 3
+        )
+        if write:
+            query = (
+                update(Message)
+                .where(live_row)
+                .values(
+                    response_content="".join(reply.pieces), updated_at=database_clock()
+                )
+                .returning(Message.id, Message.status_code)
+            )
+        else:
+            query = select(Message.id, Message.status_code).where(live_row)
+        try:
+            with anyio.CancelScope(
+                shield=True
+            ):  # the reply's end comes after this write
+                async with AsyncSession(engine) as session:
+                    row = (await session.exec(query)).one_or_none()
+                    await session.commit()
+        except DATABASE_ERRORS as error:
+            logger.warning("Checkpoint of %s failed: %s", reply.message_id, error)
+            continue
+        if write:
+            stored_length, stored_at = length, time.monotonic()
+        if row is None:
+            reply.end(410, DELETED)
+        elif row.status_code == STOPPED:
+            reply.end(STOPPED, "Stopped")
+
+
+async def store_end(reply: LiveReply, status_code: int, detail: str) -> bytes:
+    """Store how the turn ended, retrying a failing database for about 10 s; return its final event."""
+    end_id = f"{reply.message_id}:end"
+    values = {
+        "response_content": "".join(reply.pieces),
+        **reply.usage,
+        "is_success": status_code == 200,
+        "status_code": status_code,
+        "live": False,
+        "updated_at": utc_now(),
+    }
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            async with AsyncSession(engine, expire_on_commit=False) as session:
+                await touch_conversation(
+                    session, reply.conversation_id, values["updated_at"]
+                )
+                query = (
+                    update(Message)
+                    .where(col(Message.id) == reply.message_id, col(Message.live))
+                    .values(values)
+                    .returning(Message)
+                )
+                message = (await session.exec(query)).scalar_one_or_none()
+                if message is None:  # deleted, or ended by another process's stop
+                    message = await session.get(Message, reply.message_id)
+                await session.commit()
+            break
+        except DATABASE_ERRORS as error:
+            if time.monotonic() > deadline:
+                logger.error(
+                    "Could not store the end of turn %s: %s", reply.message_id, error
+                )
+                detail = "Database unavailable: the reply was not stored"
+                return error_event(503, detail, end_id)
+            await asyncio.sleep(0.5)
+    if message is None:
+        return error_event(410, DELETED, end_id)
+    if message.status_code == status_code and not message.is_success:
+        return error_event(status_code, detail, end_id)
+    return final_event(message)
+
+
+async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
+    """Ask the process running a reply to stop it, through its row, and wait until it has."""
+    live_row = (col(Message.id) == message_id) & col(Message.live)
+    await session.exec(update(Message).where(live_row).values(status_code=STOPPED))
+    await session.commit()
+    deadline = time.monotonic() + settings.checkpoint_ms / 1000 + 2
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        if not (await session.exec(select(Message.live).where(live_row))).first():
+            return
+        await (
+            session.commit()
+        )  # end the read's transaction: the next one sees new writes
+    # No process answered: the one that ran it died. End it with its last checkpoint.
+    await session.exec(
+        update(Message).where(live_row).values(live=False, is_success=False)
+    )
+    await session.commit()
+
+
+async def close_dead_turns() -> None:
+    """End live turns whose row has not been written for DEAD_TURN_SECONDS: their process died."""
+    silent_since = database_clock() - timedelta(seconds=settings.dead_turn_seconds)
+    query = (
+        update(Message)
+        .where(col(Message.live), col(Message.updated_at) < silent_since)
+        .values(live=False, is_success=False, status_code=500, updated_at=utc_now())
+        .returning(Message.conversation_id)
+    )
+    async with AsyncSession(engine) as session:
+        for conversation_id in set((await session.exec(query)).scalars()):
+            await touch_conversation(session, conversation_id)
+        await session.commit()
+
+
+async def close_dead_turns_forever() -> None:
+    while True:
+        try:
+            await close_dead_turns()
+        except DATABASE_ERRORS as error:
+            logger.warning("Could not look for dead turns: %s", error)
+        await asyncio.sleep(settings.dead_turn_seconds / 2)
 
 
 # Generation ------------------------------------------------------------------------------
 
 
 class GenerateRequest(SQLModel):
+    model_config = STRICT
+
     prompt: Annotated[str, AfterValidator(storable_text)]
     conversation_id: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
 
@@ -529,17 +852,28 @@ class GenerateRequest(SQLModel):
         return prompt
 
 
-@dataclass
-class Turn:
-    """One prompt and its reply: stored before the stream starts, finished exactly once."""
-
-    conversation: Conversation
-    message: Message
-    opening: asyncio.Task | None  # the request to the model (None for echo)
-    stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+class GenerateQuery(GenerateRequest):
+    model_config = ConfigDict(
+        strict=False
+    )  # a query string is text: ?conversation_id=5
 
 
-async def start_turn(request: GenerateRequest, session: AsyncSession) -> Turn:
+def validated(model: type[SQLModel], data: object) -> Any:
+    """What FastAPI does for a body or query model, done by hand where a reconnect skips it."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+
+
+async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
+    """Store the prompt and start the reply, which runs on its own from then on."""
+    if len(live_replies) >= settings.max_live_replies:
+        raise HTTPException(
+            429,
+            "Too many replies are being generated (MAX_LIVE_REPLIES)",
+            {"Retry-After": "1"},
+        )
     if request.conversation_id is None:
         model = settings.default_model
         conversation = Conversation(title=short_title(request.prompt), model_type=model)
@@ -547,7 +881,7 @@ async def start_turn(request: GenerateRequest, session: AsyncSession) -> Turn:
     else:
         conversation = await find_conversation(request.conversation_id, session)
         history = await recent_successful_turns(session, conversation.id)
-    message = Message(prompt_content=request.prompt, response_content="")
+    message = Message(prompt_content=request.prompt, response_content="", live=True)
     opening = None
     if conversation.model_type != ECHO:
         # Ask the model now and store the prompt meanwhile: the database adds no wait.
@@ -559,7 +893,14 @@ async def start_turn(request: GenerateRequest, session: AsyncSession) -> Turn:
         if opening:
             opening.cancel()
         raise
-    return Turn(conversation, message, opening)
+    reply = LiveReply(message.id, conversation.id)
+    live_replies[reply.message_id] = reply
+    in_background(run_reply(reply, opening, request.prompt))
+    if request.conversation_id is None and opening:
+        in_background(
+            write_title(conversation.id, conversation.title, model, request.prompt)
+        )
+    return reply
 
 
 async def store_prompt(
@@ -588,16 +929,44 @@ async def recent_successful_turns(
     return [tuple(row) for row in reversed((await session.exec(query)).all())]
 
 
+async def stream_echo(prompt: str, reply: LiveReply) -> None:
+    for word in re.findall(r"\s*\S+\s*", prompt):
+        reply.add(word)
+        await asyncio.sleep(0)  # its clients get a word at a time
+    words = len(prompt.split())
+    reply.set_usage(words, words, 2 * words)
+    reply.finished = True
+
+
+async def stream_llm(
+    stream: openai.AsyncStream[ChatCompletionChunk], reply: LiveReply
+) -> None:
+    async with stream:
+        async for chunk in stream:
+            # Usage comes in an extra last chunk, from servers that honour include_usage.
+            if usage := chunk.usage:
+                reply.set_usage(
+                    usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+                )
+            if not chunk.choices:
+                continue
+            if chunk.choices[0].finish_reason:
+                reply.finished = True
+            content = chunk.choices[0].delta.content
+            if content and not reply.add(content):
+                reply.finished = True  # a full message ends there, as at MAX_TOKENS
+                return
+
+
 async def generate(
-    turn: Turn, reply: Reply, send: MemoryObjectSendStream
-) -> tuple[int, str | None]:
-    """Stream the model's reply into `send` and `reply`; return its HTTP status and error detail."""
-    model = turn.conversation.model_type
+    reply: LiveReply, opening: asyncio.Task | None, prompt: str
+) -> tuple[int, str]:
+    """Run the model's reply into `reply`; return its HTTP status and a detail for errors."""
     try:
-        if turn.opening is None:
-            await stream_echo(turn.message.prompt_content, reply, send)
+        if opening is None:
+            await stream_echo(prompt, reply)
         else:
-            await stream_llm(await turn.opening, reply, send)
+            await stream_llm(await opening, reply)
     except openai.APITimeoutError:
         return (
             504,
@@ -606,82 +975,13 @@ async def generate(
     except openai.APIConnectionError:
         return 502, "The model could not be reached, or its reply broke off"
     except openai.APIStatusError as error:
-        return (
-            error.status_code,
-            f"The model answered {error.status_code}: {error.message}",
-        )
+        return error.status_code, upstream_error(error)
     except Exception as error:  # the turn must be stored whatever the upstream sent
-        logger.exception("Reply from %r failed", model)
-        return 502, f"The model's reply could not be read: {error}"
+        logger.exception("Reply %s could not be read", reply.message_id)
+        return 502, f"The model's reply could not be read: {one_line(str(error), 300)}"
     if not reply.finished:
         return 502, "The model's reply ended without a finish_reason"
-    return 200, None
-
-
-async def finish_turn(
-    turn: Turn, reply: Reply, status_code: int, session: AsyncSession
-) -> bool:
-    """Store the turn's final state; runs even while the request is being cancelled."""
-    message_id = turn.message.id  # after a failed commit the session would reload it
-    turn.message.sqlmodel_update(
-        {
-            "response_content": "".join(reply.pieces),
-            "prompt_tokens": reply.prompt_tokens,
-            "response_tokens": reply.response_tokens,
-            "total_tokens": reply.total_tokens,
-            "is_success": status_code == 200,
-            "status_code": status_code,
-            "updated_at": utc_now(),
-        }
-    )
-    turn.conversation.updated_at = turn.message.updated_at
-    with anyio.move_on_after(10, shield=True):
-        try:
-            await session.commit()
-            return True
-        except Exception:
-            logger.exception("Could not store the end of turn %s", message_id)
-    return False
-
-
-async def run_turn(
-    turn: Turn, session: AsyncSession, send: MemoryObjectSendStream
-) -> None:
-    reply = Reply()
-    status_code, detail = None, None
-    async with send:
-        try:
-            with cancelled_on_shutdown(turn.stop):
-                ids = {
-                    "conversation_id": turn.conversation.id,
-                    "message_id": turn.message.id,
-                }
-                await send.send(ServerSentEvent(event="start", data=ids))
-                status_code, detail = await generate(turn, reply, send)
-        finally:  # also when the request itself is cancelled
-            if turn.opening:
-                turn.opening.cancel()  # in case the reply was stopped before it opened
-            if status_code is None:
-                status_code, detail = (
-                    (503, "The server is shutting down")
-                    if stopping
-                    else (499, "The client went away")
-                )
-            if not await finish_turn(turn, reply, status_code, session):
-                status_code, detail = (
-                    503,
-                    "Database unavailable: the reply was not stored",
-                )
-        if status_code == 200:
-            final = MessagePublic.model_validate(turn.message)
-            event = ServerSentEvent(event="done", data=final)
-        else:
-            error = {"detail": detail, "status_code": status_code}
-            event = ServerSentEvent(event="error", data=error)
-        try:
-            await send.send(event)
-        except anyio.BrokenResourceError:
-            pass  # nobody is listening any more
+    return 200, "Done"
 
 
 TITLE_INSTRUCTION = "Reply with only a short title, at most six words, for a chat that starts with this."
@@ -713,52 +1013,26 @@ async def write_title(
             async with AsyncSession(engine) as session:
                 await session.exec(renamed)
                 await session.commit()
+        except openai.APIStatusError as error:
+            logger.warning(
+                "No title for conversation %s: %s",
+                conversation_id,
+                upstream_error(error),
+            )
         except Exception:  # the conversation keeps its placeholder title
             logger.exception("No title for conversation %s", conversation_id)
 
 
-@asynccontextmanager
-async def open_turn(
-    request: GenerateRequest, session: AsyncSession, response: Response
-) -> AsyncIterator[AsyncIterable]:
-    """Store the prompt, then stream the reply from a task that finishes the turn however the stream ends."""
-    turn = await start_turn(request, session)
-    response.headers["X-Conversation-Id"] = str(turn.conversation.id)
-    send, receive = anyio.create_memory_object_stream[ServerSentEvent](
-        max_buffer_size=64
-    )
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(run_turn, turn, session, send)
-        if request.conversation_id is None and turn.conversation.model_type != ECHO:
-            tasks.start_soon(
-                write_title,
-                turn.conversation.id,
-                turn.conversation.title,
-                turn.conversation.model_type,
-                request.prompt,
-            )
-        with receive:
-            try:
-                yield receive
-            finally:
-                # The response is over. If the reply is not, the client went away.
-                turn.stop.cancel()
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
 
 
-async def turn_from_query(
-    request: Annotated[GenerateRequest, Query()],
-    session: SessionDep,
-    response: Response,
-) -> AsyncIterator[AsyncIterable]:
-    async with open_turn(request, session, response) as events:
-        yield events
-
-
-async def turn_from_body(
-    request: GenerateRequest, session: SessionDep, response: Response
-) -> AsyncIterator[AsyncIterable]:
-    async with open_turn(request, session, response) as events:
-        yield events
+def resumed_from(last_event_id: str | None) -> tuple[int, int | None] | None:
+    """`<message_id>:<offset>` as (message_id, offset), `<message_id>:end` as (message_id, None)."""
+    found = re.fullmatch(r"(\d{1,10}):(\d{1,10}|end)", last_event_id or "")
+    if not found:
+        return None
+    message_id, offset = found.groups()
+    return int(message_id), None if offset == "end" else int(offset)
 
 
 # What the streams send, for the OpenAPI document (/docs) ----------------------------------
@@ -873,8 +1147,7 @@ def error_response(description: str) -> dict:
     }
 
 
-# Shared by the stream endpoints; every error comes before the stream's first byte.
-STREAM_RESPONSES: dict[int | str, dict] = {
+RESPONSES: dict[int, dict] = {
     200: {
         "description": STREAM_DESCRIPTION,
         "content": {
@@ -884,43 +1157,246 @@ STREAM_RESPONSES: dict[int | str, dict] = {
             }
         },
     },
+    204: {
+        "description": "`Last-Event-ID` was `<message_id>:end`: the client has the last event"
+    },
     401: error_response("Missing or wrong API key (when API_KEY is set)"),
     403: error_response("A browser request from another site (see CORS_ORIGINS)"),
     404: error_response("Unknown conversation or message"),
-    409: error_response("The request conflicts with the turn's state"),
+    409: error_response("The turn has already ended"),
     422: error_response("Invalid prompt, body or parameter"),
     429: error_response("MAX_LIVE_REPLIES replies are running already (Retry-After)"),
 }
 
 
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """The responses an endpoint can give; every error comes before a stream's first byte."""
+    return {status: RESPONSES[status] for status in statuses}
+
+
+def query_parameters(model: type[SQLModel]) -> dict:
+    """The query a hand-validated endpoint reads (see `validated`), for the document."""
+    schema = model.model_json_schema()
+    return {
+        "parameters": [
+            {
+                "name": name,
+                "in": "query",
+                "required": name in schema.get("required", []),
+                "schema": field_schema,
+            }
+            for name, field_schema in schema["properties"].items()
+        ]
+    }
+
+
+def json_body(model: type[SQLModel]) -> dict:
+    schema = model.model_json_schema()
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
 @api.get(
     "/text/generate/stream",
-    response_class=EventSourceResponse,
-    responses=STREAM_RESPONSES,
+    response_class=Response,  # for the document: it returns an event stream or a 204
+    responses=documented(200, 401, 403, 404, 422, 429),
+    openapi_extra=query_parameters(GenerateQuery),
 )
 async def generate_stream(
-    events: Annotated[AsyncIterable, Depends(turn_from_query)],
-) -> AsyncIterable[ServerSentEvent]:
-    async for sse in events:
-        yield sse
+    request: Request, session: SessionDep, last_event_id: LastEventId = None
+) -> Response:
+    # A browser's EventSource reconnects with the same URL: that must not start a new turn.
+    if resumed := resumed_from(last_event_id):
+        return await follow(*resumed, session)
+    body = validated(GenerateQuery, dict(request.query_params))
+    return event_stream(await start_turn(body, session), 0)
 
 
 @api.post(
     "/text/generate/stream",
-    response_class=EventSourceResponse,
-    responses=STREAM_RESPONSES,
+    response_class=Response,
+    responses=documented(200, 401, 403, 404, 422, 429),
+    openapi_extra=json_body(GenerateRequest),
 )
 async def generate_stream_post(
-    events: Annotated[AsyncIterable, Depends(turn_from_body)],
-) -> AsyncIterable[ServerSentEvent]:
-    async for sse in events:
-        yield sse
+    session: SessionDep,
+    body: Annotated[Any, Body()] = None,
+    last_event_id: LastEventId = None,
+) -> Response:
+    if resumed := resumed_from(last_event_id):
+        return await follow(*resumed, session)
+    return event_stream(await start_turn(validated(GenerateRequest, body), session), 0)
+
+
+@api.get(
+    "/messages/{message_id}/stream",
+    response_class=Response,
+    responses=documented(200, 204, 401, 403, 404, 422),
+)
+async def follow_stream(
+    message_id: MessageId,
+    session: SessionDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_TEXT_CHARS)] = 0,
+    last_event_id: LastEventId = None,
+) -> Response:
+    resumed = resumed_from(last_event_id)
+    if resumed and resumed[0] == message_id:  # one naming another message is ignored
+        offset = resumed[1]
+    return await follow(message_id, offset, session)
+
+
+@api.post(
+    "/messages/{message_id}/stop",
+    status_code=202,
+    responses=documented(401, 403, 404, 409),
+)
+async def stop_reply(message: MessageDep, session: SessionDep) -> MessagePublic:
+    if not message.live:
+        raise HTTPException(409, "The turn has already ended")
+    await session.commit()  # hold no connection while waiting: the reply needs one
+    if reply := live_replies.get(message.id):
+        reply.end(STOPPED, "Stopped")
+        await reply.stored.wait()
+    else:
+        await stop_elsewhere(message.id, session)
+    await session.refresh(message)
+    return message
+
+
+# Following a reply -------------------------------------------------------------------------
+
+
+async def follow(
+    message_id: int, offset: int | None, session: AsyncSession
+) -> Response:
+    if message_id > INT32_MAX:  # from a Last-Event-ID header, not checked as a path is
+        raise HTTPException(404, "Message not found")
+    message = await find_message(message_id, session)
+    await session.close()  # hold no connection for the stream's length
+    if offset is None:  # the client has the final event already: don't reconnect
+        return Response(status_code=204)
+    if reply := live_replies.get(message.id):
+        return event_stream(reply, offset)
+    return event_stream(message, offset)
+
+
+def event_stream(turn: LiveReply | Message, offset: int) -> EventSourceResponse:
+    """The turn's events from `offset`: start, the text past it, the live pieces, the end."""
+    if isinstance(turn, LiveReply):
+        message_id, conversation_id = turn.message_id, turn.conversation_id
+        events = events_in_memory(turn, offset)
+    else:
+        message_id, conversation_id = turn.id, turn.conversation_id
+        events = events_from_the_row(message_id, offset)
+    headers = {
+        "X-Conversation-Id": str(conversation_id),
+        "X-Message-Id": str(message_id),
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+    }
+    ids = json.dumps({"conversation_id": conversation_id, "message_id": message_id})
+    start = sse("start", ids, f"{message_id}:{offset}", retry=RETRY_MS)
+    return EventSourceResponse(prepend(start, events), headers=headers)
+
+
+async def prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def events_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[bytes]:
+    """Pieces that arrived while the client was busy go out as one: a slow client keeps up."""
+    read, position = 0, 0  # pieces read, and the characters in them
+    while True:
+        changed = reply.changed
+        new = reply.pieces[read:]
+        text = "".join(new)
+        read, start, position = read + len(new), position, position + len(text)
+        if position > offset:
+            yield piece_event(
+                reply.message_id, text[max(offset - start, 0) :], position
+            )
+            offset = position
+        if reply.final:
+            yield reply.final
+            return
+        if not text:
+            with anyio.move_on_after(PING_SECONDS) as idle:
+                await changed.wait()
+            if idle.cancelled_caught:
+                yield PING
+
+
+async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[bytes]:
+    """A reply of another process (or one that ended) as its row shows it, polled."""
+    last_sent = time.monotonic()
+    while True:
+        try:
+            async with AsyncSession(engine) as session:
+                message = await session.get(Message, message_id)
+        except DATABASE_ERRORS:
+            return  # the client reconnects, and goes on from its last event
+        if message is None:
+            yield error_event(410, DELETED, f"{message_id}:end")
+            return
+        text = message.response_content
+        if len(text) > offset:
+            yield piece_event(message_id, text[offset:], len(text))
+            offset, last_sent = len(text), time.monotonic()
+        if not message.live:
+            yield final_event(message)
+            return
+        if stopping:
+            return  # this server is going away: the client reconnects to another
+        if time.monotonic() - last_sent > PING_SECONDS:
+            yield PING
+            last_sent = time.monotonic()
+        await asyncio.sleep(settings.checkpoint_ms / 1000)
+
+
+PING = b": ping\n\n"
+DELETED = "The conversation or the message was deleted"
+
+
+def sse(event: str | None, data: str, event_id: str, retry: int | None = None) -> bytes:
+    return format_sse_event(event=event, data_str=data, id=event_id, retry=retry)
+
+
+def piece_event(message_id: int, text: str, offset: int) -> bytes:
+    data = json.dumps({"content": text}, ensure_ascii=False)
+    return sse(None, data, f"{message_id}:{offset}")
+
+
+def error_event(status_code: int, detail: str, event_id: str) -> bytes:
+    data = json.dumps(
+        {"detail": detail, "status_code": status_code}, ensure_ascii=False
+    )
+    return sse("error", data, event_id)
+
+
+def final_event(message: Message) -> bytes:
+    """A stored turn's end, as a follower sees it: done, or an error with its status."""
+    end_id = f"{message.id}:end"
+    if message.is_success is False:
+        status_code = message.status_code or 500
+        detail = (
+            "Stopped"
+            if status_code == STOPPED
+            else f"The reply failed with status {status_code}"
+        )
+        return error_event(status_code, detail, end_id)
+    return sse("done", MessagePublic.model_validate(message).model_dump_json(), end_id)
 
 
 app.include_router(api)
 
 
-@app.get("/health")
+@app.api_route("/health", methods=["GET", "HEAD"])
 async def health(session: SessionDep) -> dict[str, str]:
     await session.exec(select(1))
     return {"status": "ok"}

@@ -1,10 +1,17 @@
 """Tables and API schemas: each SQLModel class is one or the other, sharing fields through a Base."""
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated
 
 import sqlalchemy as sa
-from pydantic import AfterValidator, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    PlainSerializer,
+    StringConstraints,
+    field_validator,
+)
 from sqlmodel import Field, Index, SQLModel
 
 INT32_MAX = 2**31 - 1  # ids and counts are INTEGER columns on both databases
@@ -25,6 +32,25 @@ def storable_text(value: str) -> str:
         raise ValueError("must be valid Unicode (no lone surrogates)") from None
     return value
 
+
+# A str holds a valid surrogate pair as one code point, so any surrogate left is a lone one.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_piece(text: str) -> str:
+    """What storable_text refuses in input is replaced in a model's reply: NUL, lone surrogates."""
+    return UNSTORABLE.sub("\ufffd", text)
+
+
+def iso_timestamp(value: datetime) -> str:
+    # Always six fractional digits, so that string order is time order.
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+Timestamp = Annotated[datetime, PlainSerializer(iso_timestamp, when_used="json")]
+
+# JSON bodies are strict: true is not 1, 2.0 is not 2, "yes" is not a boolean.
+STRICT = ConfigDict(strict=True)
 
 # StringConstraints goes innermost so that it trims before the other checks run.
 Content = Annotated[
@@ -63,14 +89,16 @@ class Conversation(ConversationBase, table=True):
 
 
 class ConversationCreate(ConversationBase):
+    model_config = STRICT
     model_type: ModelType | None = None  # None: the configured DEFAULT_MODEL
 
 
 class ConversationReplace(ConversationBase):
-    pass
+    model_config = STRICT
 
 
 class ConversationUpdate(SQLModel):
+    model_config = STRICT
     title: Title | None = None
     model_type: ModelType | None = None
 
@@ -85,8 +113,8 @@ class ConversationUpdate(SQLModel):
 
 class ConversationPublic(ConversationBase):
     id: int
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
 
 
 class MessageBase(SQLModel):
@@ -118,20 +146,30 @@ class Message(MessageBase, table=True):
             "created_at",
             "id",
         ),
+        # Live turns whose process died (silent since...): only live rows are in it.
+        Index(
+            "ix_messages_live_updated_at",
+            "updated_at",
+            postgresql_where=sa.text("live"),
+            sqlite_where=sa.text("live"),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)
     conversation_id: int = Field(foreign_key="conversations.id", ondelete="CASCADE")
+    # A generated reply still being written; see "Live replies" in app.py.
+    live: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
     created_at: datetime = Field(default_factory=utc_now)
     updated_at: datetime = Field(default_factory=utc_now)
 
 
 class MessageCreate(MessageBase):
-    pass
+    model_config = STRICT
 
 
 class MessagePublic(MessageBase):
     id: int
     conversation_id: int
-    created_at: datetime
-    updated_at: datetime
+    live: bool
+    created_at: Timestamp
+    updated_at: Timestamp
