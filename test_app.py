@@ -9,6 +9,7 @@ The chat page's tests, at the end, drive headless Chromium, on SQLite only.
 
 import asyncio
 import configparser
+import contextlib
 import json
 import os
 import re
@@ -2664,6 +2665,144 @@ def test_an_upstream_error_is_shown_plainly_in_its_turn(
     # Reopened later, the stored turn still says it failed.
     page.reload()
     expect(last_status(page)).to_contain_text("failed (500)")
+
+
+@pytest.fixture
+def slow_chat(service: httpx.Client) -> dict:
+    """A conversation whose replies take five seconds: 50 pieces, 100 ms apart."""
+    return new_conversation(service, model_type="fake:pieces=50:gap_ms=100")
+
+
+def test_a_reload_mid_reply_shows_the_whole_reply_with_one_turn_stored(
+    open_page: Callable[..., Page], service: httpx.Client, slow_chat: dict
+) -> None:
+    page = open_page(f"/#/c/{slow_chat['id']}")
+    send_message(page, "a long one")
+    expect(last_reply(page)).to_contain_text("w3 ")
+    page.reload()
+    expect(page.locator(".reply.live")).to_have_count(1)  # still going after the reload
+    expect(last_reply(page)).to_have_text(words(50), timeout=15_000)
+    expect(last_status(page)).to_have_text("7 prompt + 50 reply = 57 tokens")
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert [(m["response_content"], m["is_success"]) for m in stored] == [
+        (words(50), True)
+    ]
+
+
+def test_a_second_tab_shows_the_same_reply_live(
+    open_page: Callable[..., Page], service: httpx.Client, slow_chat: dict
+) -> None:
+    first = open_page(f"/#/c/{slow_chat['id']}")
+    send_message(first, "for two tabs")
+    expect(last_reply(first)).to_contain_text("w3 ")
+    second = open_page(f"/#/c/{slow_chat['id']}", context=first.context)
+    expect(second.locator(".reply.live")).to_have_count(1)
+    for page in (first, second):
+        expect(last_reply(page)).to_have_text(words(50), timeout=15_000)
+        expect(last_status(page)).to_have_text("7 prompt + 50 reply = 57 tokens")
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert len(stored) == 1
+
+
+def test_stop_keeps_the_partial_reply_and_marks_it_stopped(
+    open_page: Callable[..., Page], service: httpx.Client, slow_chat: dict
+) -> None:
+    page = open_page(f"/#/c/{slow_chat['id']}")
+    send_message(page, "stop me")
+    expect(last_reply(page)).to_contain_text("w3 ")
+    page.get_by_role("button", name="Stop").click()
+    expect(last_status(page)).to_have_text("Stopped")
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    shown = last_reply(page).text_content()
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert len(stored) == 1
+    assert (stored[0]["is_success"], stored[0]["status_code"]) == (False, 499)
+    assert stored[0]["response_content"] == shown
+    assert shown.startswith("w0 w1 w2 w3 ") and "w49" not in shown
+
+
+def test_a_reply_followed_after_a_reload_can_be_stopped(
+    open_page: Callable[..., Page], service: httpx.Client, slow_chat: dict
+) -> None:
+    page = open_page(f"/#/c/{slow_chat['id']}")
+    send_message(page, "stop me later")
+    expect(last_reply(page)).to_contain_text("w2 ")
+    page.reload()
+    expect(last_reply(page)).to_contain_text("w5 ")
+    page.get_by_role("button", name="Stop").click()
+    expect(last_status(page)).to_have_text("Stopped")
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert [(m["status_code"], m["response_content"]) for m in stored] == [
+        (499, last_reply(page).text_content())
+    ]
+
+
+class CuttableProxy:
+    """A TCP proxy in front of the app whose open connections a test can cut, as a network would."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.open = port, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self.pipe, args=(source, sink), daemon=True
+                ).start()
+
+    def pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        cut, self.open = self.open, []
+        for end in cut:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+                end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_a_broken_connection_resumes_from_the_last_event_id(
+    open_page: Callable[..., Page],
+    page_server: Server,
+    service: httpx.Client,
+    slow_chat: dict,
+    requests_made: Requests,
+) -> None:
+    proxy = CuttableProxy(int(page_server.url.rsplit(":", 1)[1]))
+    try:
+        through_proxy = Server(proxy.url, page_server.process, page_server.log)
+        page = open_page(f"/#/c/{slow_chat['id']}", server=through_proxy)
+        send_message(page, "mind the gap")
+        expect(last_reply(page)).to_contain_text("w3 ")
+        proxy.cut()
+        expect(last_reply(page)).to_have_text(words(50), timeout=15_000)
+        expect(last_status(page)).to_have_text("7 prompt + 50 reply = 57 tokens")
+    finally:
+        proxy.close()
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert [m["response_content"] for m in stored] == [words(50)]
+    # It asked for the rest by event id (GET /messages/{id}/stream without ?offset=).
+    assert f"{proxy.url}/messages/{stored[0]['id']}/stream" in requests_made.served
 
 
 def test_html_in_prompts_replies_and_titles_shows_as_text(
