@@ -2871,6 +2871,19 @@ def test_a_refused_api_key_is_asked_for_again(
     expect(page.locator("#list-note")).not_to_contain_text("API key")
 
 
+def test_an_api_key_of_any_characters_works_from_the_page(
+    open_page: Callable[..., Page], start_page_app: Callable[..., Server]
+) -> None:
+    key = "clé-ключ-🔑"
+    page = open_page(server=start_page_app(API_KEY=key))
+    dialog = page.get_by_role("dialog", name="API key")
+    dialog.get_by_label("API key").fill(key)
+    dialog.get_by_label("API key").press("Enter")
+    expect(dialog).to_be_hidden()
+    send_message(page, "unicode key")
+    expect(last_reply(page)).to_have_text("unicode key")
+
+
 def test_a_dismissed_key_prompt_leaves_a_way_to_enter_the_key(
     open_page: Callable[..., Page], keyed_server: Server
 ) -> None:
