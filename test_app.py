@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,12 +208,10 @@ def postgres_admin() -> psycopg.Connection:
     )
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def database(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Database]:
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("sqlite") / "chat.db"
+@contextmanager
+def new_database(kind: str, folder: Path) -> Iterator[Database]:
+    if kind == "sqlite":
+        path = folder / "chat.db"
         yield Database(f"sqlite:///{path}", str(path))
         return
     with postgres_admin() as admin:
@@ -228,6 +227,22 @@ def database(
             )
         finally:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Database]:
+    with new_database(request.param, tmp_path_factory.mktemp("sqlite")) as database:
+        yield database
+
+
+@pytest.fixture
+def empty_database(database: Database, tmp_path: Path) -> Iterator[Database]:
+    """Another database of the module's kind, empty: not even migrated."""
+    kind = "sqlite" if database.url.startswith("sqlite") else "postgres"
+    with new_database(kind, tmp_path) as empty:
+        yield empty
 
 
 @dataclass
@@ -2083,6 +2098,52 @@ def test_another_process_on_the_same_database_follows_and_stops_a_reply(
     assert stopped["response_content"] == seen + reply_text(rest)
     assert first + reply_text(followed_rest) == stopped["response_content"]
     assert client.get(f"/messages/{message_id}").json() == stopped
+
+
+def test_the_live_turns_migration_keeps_what_a_database_already_holds(
+    empty_database: Database, tmp_path: Path
+) -> None:
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    sqlite = url.startswith("sqlite")
+    assert alembic(ini, url, "upgrade", "4172c9fc1642").returncode == 0
+    at = "'2026-11-20 10:00:00.000000'" if sqlite else "'2026-11-20 10:00:00+00'"
+    too_long = "hex(zeroblob(500001))" if sqlite else "repeat('0', 1000002)"
+    too_big = 2**31 if sqlite else 7  # a Postgres integer cannot be over 2^31-1
+    nul = "'a' || char(0) || 'b'" if sqlite else "'a b'"
+    run_sql(
+        empty_database,
+        f"INSERT INTO conversations VALUES ('Old', 'echo', 1, {at}, {at})",
+    )
+    for values in (
+        f"'q', 'a', 1, 1, 2, true, 200, 1, 1, {at}, {at}",
+        f"'killed mid-reply', '', null, null, null, null, null, 2, 1, {at}, {at}",
+        f"'q', {nul}, -5, {too_big}, 7, false, 500, 3, 1, {at}, {at}",
+        f"'q', {too_long}, 1, 1, 2, true, 200, 4, 1, {at}, {at}",
+    ):
+        run_sql(empty_database, f"INSERT INTO messages VALUES ({values})")
+    assert alembic(ini, url, "upgrade", "head").returncode == 0
+    process, log = launch(
+        ["--port", str(port := free_port())], {"DATABASE_URL": url}, tmp_path
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        response = httpx.get(f"http://127.0.0.1:{port}/conversations/1/messages")
+    finally:
+        stop(process)
+    assert response.status_code == 200
+    messages = response.json()
+    assert [m["live"] for m in messages] == [False] * 4
+    assert (messages[0]["response_content"], messages[0]["total_tokens"]) == ("a", 2)
+    assert (messages[1]["prompt_content"], messages[1]["is_success"]) == (
+        "killed mid-reply",
+        None,
+    )
+    assert (messages[2]["prompt_tokens"], messages[2]["response_tokens"]) == (
+        None,
+        None if sqlite else 7,
+    )
+    assert messages[2]["response_content"] == ("a\ufffdb" if sqlite else "a b")
+    assert len(messages[3]["response_content"]) == 1_000_000
 
 
 # Database faults -------------------------------------------------------------------------
