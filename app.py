@@ -696,7 +696,8 @@ def database_clock() -> Any:
 
 async def checkpoint(reply: LiveReply) -> None:
     """Write the text so far to the row when it changed, and a heartbeat; see stops and deletions."""
-    stored_length, stored_at = 0, time.monotonic()
+    # The first tick writes too: from then on the row is stamped by the database's clock.
+    stored_length, stored_at = 0, float("-inf")
     live_row = (col(Message.id) == reply.message_id) & col(Message.live)
     while True:
         await asyncio.sleep(settings.checkpoint_ms / 1000)

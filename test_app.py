@@ -2069,6 +2069,31 @@ def test_after_kill_9_a_reply_keeps_its_last_checkpoint_and_is_closed_as_500(
     assert len(stored["response_content"]) >= len(seen) - 5 * 4
 
 
+def test_a_stop_ends_a_reply_whose_process_died_with_its_last_checkpoint(
+    start_app: Callable[..., Server], client: httpx.Client, long_reply: dict
+) -> None:
+    killed = start_app()
+    url = f"{killed.url}/text/generate/stream"
+    with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
+        events = iter_events(response)
+        message_id = next(events)[1]["message_id"]
+        read_until(events, 30)
+        killed.process.kill()
+        killed.process.wait(5)
+    started = time.monotonic()
+    stop = client.post(f"/messages/{message_id}/stop")
+    assert time.monotonic() - started < 5
+    assert stop.status_code == 202
+    stopped = stop.json()
+    assert (stopped["is_success"], stopped["status_code"], stopped["live"]) == (
+        False,
+        499,
+        False,
+    )
+    assert stopped["response_content"]
+    assert "".join(f"w{i} " for i in range(100)).startswith(stopped["response_content"])
+
+
 def test_another_process_on_the_same_database_follows_and_stops_a_reply(
     start_app: Callable[..., Server], client: httpx.Client, long_reply: dict
 ) -> None:
