@@ -603,9 +603,8 @@ async def delete_message(message: MessageDep, session: SessionDep) -> None:
 # and including it) or `<message_id>:end` on the final event, so a client that lost its
 # connection asks for the rest with a Last-Event-ID header and gets each character once.
 
-STOPPED = (
-    499  # the status of a stopped reply; set on a live row, it asks its process to stop
-)
+# The status of a stopped reply. Set on a live row, it asks the reply's process to stop.
+STOPPED = 499
 RETRY_MS = 1000  # how soon a browser's EventSource reconnects
 PING_SECONDS = 15  # a comment line that keeps idle connections open through proxies
 background_tasks: set[asyncio.Task] = set()
@@ -625,13 +624,11 @@ class LiveReply:
     length: int = 0  # characters so far
     finished: bool = False  # the model said why it stopped (finish_reason)
     usage: dict[str, int | None] = field(default_factory=dict)
-    changed: asyncio.Event = field(
-        default_factory=asyncio.Event
-    )  # replaced on each change
+    # Set, and replaced by a new one, on every change: followers wait on it.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    ended_by: tuple[int, str] | None = (
-        None  # a stop or a deletion, before the model's end
-    )
+    # What ended it before the model did: a stop, a deletion.
+    ended_by: tuple[int, str] | None = None
     final: bytes | None = None  # the done or error event, once the end is stored
     stored: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -717,9 +714,8 @@ async def checkpoint(reply: LiveReply) -> None:
         else:
             query = select(Message.id, Message.status_code).where(live_row)
         try:
-            with anyio.CancelScope(
-                shield=True
-            ):  # the reply's end comes after this write
+            # Not cut short by the reply's end: that is stored after this write.
+            with anyio.CancelScope(shield=True):
                 async with AsyncSession(engine) as session:
                     row = (await session.exec(query)).one_or_none()
                     await session.commit()
@@ -788,9 +784,7 @@ async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
         await asyncio.sleep(0.1)
         if not (await session.exec(select(Message.live).where(live_row))).first():
             return
-        await (
-            session.commit()
-        )  # end the read's transaction: the next one sees new writes
+        await session.commit()  # end the read: the next one sees new writes
     # No process answered: the one that ran it died. End it with its last checkpoint.
     await session.exec(
         update(Message).where(live_row).values(live=False, is_success=False)
