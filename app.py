@@ -838,9 +838,8 @@ class GenerateRequest(SQLModel):
 
 
 class GenerateQuery(GenerateRequest):
-    model_config = ConfigDict(
-        strict=False
-    )  # a query string is text: ?conversation_id=5
+    # A query string is text: ?conversation_id=5 is a number.
+    model_config = ConfigDict(strict=False)
 
 
 def validated(model: type[SQLModel], data: object) -> Any:
@@ -960,7 +959,9 @@ async def generate(
     except openai.APIConnectionError:
         return 502, "The model could not be reached, or its reply broke off"
     except openai.APIStatusError as error:
-        return error.status_code, upstream_error(error)
+        # A status past 599 is no HTTP status (and no column would take it): a broken reply.
+        status_code = error.status_code if error.status_code < 600 else 502
+        return status_code, upstream_error(error)
     except Exception as error:  # the turn must be stored whatever the upstream sent
         logger.exception("Reply %s could not be read", reply.message_id)
         return 502, f"The model's reply could not be read: {one_line(str(error), 300)}"

@@ -1296,6 +1296,17 @@ def test_an_upstream_error_status_ends_the_turn_with_that_status(
     ) == (False, status, "")
 
 
+def test_an_upstream_status_past_599_is_a_broken_reply_502(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client, model_type="fake:fail=799")
+    _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+    assert error_event(events)["status_code"] == 502
+    assert (
+        client.get(f"/conversations/{conversation['id']}/messages").status_code == 200
+    )
+
+
 def test_a_reply_that_breaks_off_is_502_with_the_partial_reply_stored(
     client: httpx.Client,
 ) -> None:
