@@ -613,9 +613,8 @@ async def delete_message(message: MessageDep, session: SessionDep) -> None:
 # and including it) or `<message_id>:end` on the final event, so a client that lost its
 # connection asks for the rest with a Last-Event-ID header and gets each character once.
 
-STOPPED = (
-    499  # the status of a stopped reply; set on a live row, it asks its process to stop
-)
+# The status of a stopped reply. Set on a live row, it asks the reply's process to stop.
+STOPPED = 499
 RETRY_MS = 1000  # how soon a browser's EventSource reconnects
 PING_SECONDS = 15  # a comment line that keeps idle connections open through proxies
 background_tasks: set[asyncio.Task] = set()
@@ -635,13 +634,11 @@ class LiveReply:
     length: int = 0  # characters so far
     finished: bool = False  # the model said why it stopped (finish_reason)
     usage: dict[str, int | None] = field(default_factory=dict)
-    changed: asyncio.Event = field(
-        default_factory=asyncio.Event
-    )  # replaced on each change
+    # Set, and replaced by a new one, on every change: followers wait on it.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    ended_by: tuple[int, str] | None = (
-        None  # a stop or a deletion, before the model's end
-    )
+    # What ended it before the model did: a stop, a deletion.
+    ended_by: tuple[int, str] | None = None
     final: bytes | None = None  # the done or error event, once the end is stored
     stored: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -706,7 +703,8 @@ def database_clock() -> Any:
 
 async def checkpoint(reply: LiveReply) -> None:
     """Write the text so far to the row when it changed, and a heartbeat; see stops and deletions."""
-    stored_length, stored_at = 0, time.monotonic()
+    # The first tick writes too: from then on the row is stamped by the database's clock.
+    stored_length, stored_at = 0, float("-inf")
     live_row = (col(Message.id) == reply.message_id) & col(Message.live)
     while True:
         await asyncio.sleep(settings.checkpoint_ms / 1000)
@@ -726,9 +724,8 @@ async def checkpoint(reply: LiveReply) -> None:
         else:
             query = select(Message.id, Message.status_code).where(live_row)
         try:
-            with anyio.CancelScope(
-                shield=True
-            ):  # the reply's end comes after this write
+            # Not cut short by the reply's end: that is stored after this write.
+            with anyio.CancelScope(shield=True):
                 async with AsyncSession(engine) as session:
                     row = (await session.exec(query)).one_or_none()
                     await session.commit()
@@ -797,9 +794,7 @@ async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
         await asyncio.sleep(0.1)
         if not (await session.exec(select(Message.live).where(live_row))).first():
             return
-        await (
-            session.commit()
-        )  # end the read's transaction: the next one sees new writes
+        await session.commit()  # end the read: the next one sees new writes
     # No process answered: the one that ran it died. End it with its last checkpoint.
     await session.exec(
         update(Message).where(live_row).values(live=False, is_success=False)
@@ -853,9 +848,8 @@ class GenerateRequest(SQLModel):
 
 
 class GenerateQuery(GenerateRequest):
-    model_config = ConfigDict(
-        strict=False
-    )  # a query string is text: ?conversation_id=5
+    # A query string is text: ?conversation_id=5 is a number.
+    model_config = ConfigDict(strict=False)
 
 
 def validated(model: type[SQLModel], data: object) -> Any:
@@ -975,7 +969,9 @@ async def generate(
     except openai.APIConnectionError:
         return 502, "The model could not be reached, or its reply broke off"
     except openai.APIStatusError as error:
-        return error.status_code, upstream_error(error)
+        # A status past 599 is no HTTP status (and no column would take it): a broken reply.
+        status_code = error.status_code if error.status_code < 600 else 502
+        return status_code, upstream_error(error)
     except Exception as error:  # the turn must be stored whatever the upstream sent
         logger.exception("Reply %s could not be read", reply.message_id)
         return 502, f"The model's reply could not be read: {one_line(str(error), 300)}"

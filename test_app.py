@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -218,12 +219,10 @@ def postgres_admin() -> psycopg.Connection:
     )
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def database(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Database]:
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("sqlite") / "chat.db"
+@contextmanager
+def new_database(kind: str, folder: Path) -> Iterator[Database]:
+    if kind == "sqlite":
+        path = folder / "chat.db"
         yield Database(f"sqlite:///{path}", str(path))
         return
     with postgres_admin() as admin:
@@ -239,6 +238,22 @@ def database(
             )
         finally:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Database]:
+    with new_database(request.param, tmp_path_factory.mktemp("sqlite")) as database:
+        yield database
+
+
+@pytest.fixture
+def empty_database(database: Database, tmp_path: Path) -> Iterator[Database]:
+    """Another database of the module's kind, empty: not even migrated."""
+    kind = "sqlite" if database.url.startswith("sqlite") else "postgres"
+    with new_database(kind, tmp_path) as empty:
+        yield empty
 
 
 @dataclass
@@ -1292,6 +1307,17 @@ def test_an_upstream_error_status_ends_the_turn_with_that_status(
     ) == (False, status, "")
 
 
+def test_an_upstream_status_past_599_is_a_broken_reply_502(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client, model_type="fake:fail=799")
+    _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+    assert error_event(events)["status_code"] == 502
+    assert (
+        client.get(f"/conversations/{conversation['id']}/messages").status_code == 200
+    )
+
+
 def test_a_reply_that_breaks_off_is_502_with_the_partial_reply_stored(
     client: httpx.Client,
 ) -> None:
@@ -1842,20 +1868,30 @@ def test_while_a_reply_streams_its_row_shows_the_last_checkpoint(
     assert "".join(f"w{i} " for i in range(100)).startswith(stored["response_content"])
 
 
+@pytest.mark.parametrize("where", ["this process", "another process"])
 def test_stop_ends_the_reply_as_499_with_the_text_so_far_for_every_client(
-    server: Server, client: httpx.Client, long_reply: dict
+    server: Server,
+    start_app: Callable[..., Server],
+    client: httpx.Client,
+    long_reply: dict,
+    where: str,
 ) -> None:
+    """The follower and the stop go to the process that runs the reply, or to another one on
+    the same database (as with `uvicorn --workers N`)."""
+    other = server if where == "this process" else start_app()
     with client.stream("GET", "/text/generate/stream", params=long_reply) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
         seen = read_until(events, 6)
         with httpx.stream(
-            "GET", f"{server.url}/messages/{message_id}/stream", timeout=10
+            "GET", f"{other.url}/messages/{message_id}/stream", timeout=10
         ) as follower:
             followed = iter_events(follower)
             next(followed)  # start
-            stop = client.post(f"/messages/{message_id}/stop")
-            rest, followed_rest = list(events), list(followed)
+            first = read_until(followed, 1)
+            stop = httpx.post(f"{other.url}/messages/{message_id}/stop", timeout=10)
+            followed_rest = list(followed)
+        rest = list(events)
     assert stop.status_code == 202
     stopped = stop.json()
     assert (stopped["is_success"], stopped["status_code"], stopped["live"]) == (
@@ -1867,7 +1903,7 @@ def test_stop_ends_the_reply_as_499_with_the_text_so_far_for_every_client(
     assert error_event(rest) == {"detail": "Stopped", "status_code": 499}
     assert error_event(followed_rest) == {"detail": "Stopped", "status_code": 499}
     assert stopped["response_content"] == seen + reply_text(rest)
-    assert reply_text(followed_rest) == stopped["response_content"]
+    assert first + reply_text(followed_rest) == stopped["response_content"]
     assert "w99" not in stopped["response_content"]
 
 
@@ -2065,23 +2101,20 @@ def test_after_kill_9_a_reply_keeps_its_last_checkpoint_and_is_closed_as_500(
     assert len(stored["response_content"]) >= len(seen) - 5 * 4
 
 
-def test_another_process_on_the_same_database_follows_and_stops_a_reply(
+def test_a_stop_ends_a_reply_whose_process_died_with_its_last_checkpoint(
     start_app: Callable[..., Server], client: httpx.Client, long_reply: dict
 ) -> None:
-    other = start_app()
-    with client.stream("GET", "/text/generate/stream", params=long_reply) as response:
+    killed = start_app()
+    url = f"{killed.url}/text/generate/stream"
+    with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
-        seen = read_until(events, 6)
-        with httpx.stream(
-            "GET", f"{other.url}/messages/{message_id}/stream", timeout=10
-        ) as follower:
-            followed = iter_events(follower)
-            next(followed)  # start
-            first = read_until(followed, 1)
-            stop = httpx.post(f"{other.url}/messages/{message_id}/stop", timeout=10)
-            followed_rest = list(followed)
-        rest = list(events)
+        read_until(events, 30)
+        killed.process.kill()
+        killed.process.wait(5)
+    started = time.monotonic()
+    stop = client.post(f"/messages/{message_id}/stop")
+    assert time.monotonic() - started < 5
     assert stop.status_code == 202
     stopped = stop.json()
     assert (stopped["is_success"], stopped["status_code"], stopped["live"]) == (
@@ -2089,11 +2122,54 @@ def test_another_process_on_the_same_database_follows_and_stops_a_reply(
         499,
         False,
     )
-    assert error_event(rest) == {"detail": "Stopped", "status_code": 499}
-    assert error_event(followed_rest) == {"detail": "Stopped", "status_code": 499}
-    assert stopped["response_content"] == seen + reply_text(rest)
-    assert first + reply_text(followed_rest) == stopped["response_content"]
-    assert client.get(f"/messages/{message_id}").json() == stopped
+    assert stopped["response_content"]
+    assert "".join(f"w{i} " for i in range(100)).startswith(stopped["response_content"])
+
+
+def test_the_live_turns_migration_keeps_what_a_database_already_holds(
+    empty_database: Database, tmp_path: Path
+) -> None:
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    sqlite = url.startswith("sqlite")
+    assert alembic(ini, url, "upgrade", "4172c9fc1642").returncode == 0
+    at = "'2026-11-20 10:00:00.000000'" if sqlite else "'2026-11-20 10:00:00+00'"
+    too_long = "hex(zeroblob(500001))" if sqlite else "repeat('0', 1000002)"
+    too_big = 2**31 if sqlite else 7  # a Postgres integer cannot be over 2^31-1
+    nul = "'a' || char(0) || 'b'" if sqlite else "'a b'"
+    run_sql(
+        empty_database,
+        f"INSERT INTO conversations VALUES ('Old', 'echo', 1, {at}, {at})",
+    )
+    for values in (
+        f"'q', 'a', 1, 1, 2, true, 200, 1, 1, {at}, {at}",
+        f"'killed mid-reply', '', null, null, null, null, null, 2, 1, {at}, {at}",
+        f"'q', {nul}, -5, {too_big}, 7, false, 500, 3, 1, {at}, {at}",
+        f"'q', {too_long}, 1, 1, 2, true, 200, 4, 1, {at}, {at}",
+    ):
+        run_sql(empty_database, f"INSERT INTO messages VALUES ({values})")
+    assert alembic(ini, url, "upgrade", "head").returncode == 0
+    process, log = launch(
+        ["--port", str(port := free_port())], {"DATABASE_URL": url}, tmp_path
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        response = httpx.get(f"http://127.0.0.1:{port}/conversations/1/messages")
+    finally:
+        stop(process)
+    assert response.status_code == 200
+    messages = response.json()
+    assert [m["live"] for m in messages] == [False] * 4
+    assert (messages[0]["response_content"], messages[0]["total_tokens"]) == ("a", 2)
+    assert (messages[1]["prompt_content"], messages[1]["is_success"]) == (
+        "killed mid-reply",
+        None,
+    )
+    assert (messages[2]["prompt_tokens"], messages[2]["response_tokens"]) == (
+        None,
+        None if sqlite else 7,
+    )
+    assert messages[2]["response_content"] == ("a\ufffdb" if sqlite else "a b")
+    assert len(messages[3]["response_content"]) == 1_000_000
 
 
 # Database faults -------------------------------------------------------------------------
