@@ -6,6 +6,7 @@ health. The HTTP API is in README.md.
 """
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -19,8 +20,10 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from html import escape as html_escape
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
 import openai
@@ -41,9 +44,11 @@ from fastapi import (
 )
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi_offline import FastAPIOffline
 from openai.types.chat import ChatCompletionChunk
 from pydantic import (
     AfterValidator,
@@ -62,6 +67,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import SQLModel, col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import (
@@ -106,6 +112,7 @@ class Settings(BaseSettings):
     openai_timeout: float = Field(default=60, gt=0)
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
+    cors_origins: str = ""  # comma-separated; see "Browsers" below
     checkpoint_ms: int = Field(default=500, ge=10)
     dead_turn_seconds: float = Field(default=30, ge=3)
     max_live_replies: int = Field(default=100, ge=1)
@@ -390,7 +397,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await engine.dispose()
 
 
-app = FastAPI(title="Chat backend", lifespan=lifespan)
+# Swagger UI's files come from a pinned package, not a CDN: /docs works offline. (No ReDoc:
+# its page still loads a logo from its CDN.)
+app = FastAPIOffline(title="Chat backend", lifespan=lifespan, redoc_url=None)
 
 
 def openai_error(
@@ -401,15 +410,15 @@ def openai_error(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def under_v1(request: Request) -> bool:
-    return request.url.path == "/v1" or request.url.path.startswith("/v1/")
+def under_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
 
 
-def error_response(
-    request: Request, status_code: int, detail: str, headers: dict | None = None
+def error_for(
+    path: str, status_code: int, detail: str, headers: dict | None = None
 ) -> JSONResponse:
     """`{"detail": ...}`, or under /v1 (the OpenAI-compatible front) OpenAI's shape."""
-    if under_v1(request):
+    if under_v1(path):
         return JSONResponse(openai_error(status_code, detail), status_code, headers)
     return JSONResponse({"detail": detail}, status_code, headers)
 
@@ -417,12 +426,12 @@ def error_response(
 # Starlette's HTTPException: FastAPI's, and the router's own (404, 405).
 @app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    return error_response(request, error.status_code, error.detail, error.headers)
+    return error_for(request.url.path, error.status_code, error.detail, error.headers)
 
 
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
     logger.error("Database unavailable: %s", error)
-    return error_response(request, 503, "Database unavailable")
+    return error_for(request.url.path, 503, "Database unavailable")
 
 
 DATABASE_ERRORS = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
@@ -436,7 +445,7 @@ async def deleted_meanwhile(request: Request, error: Exception) -> JSONResponse:
     # A DELETE committed between this request's read and its write: the row it changes is
     # gone (StaleDataError), or the conversation a new row belongs to (a foreign key error).
     gone = "Message" if request.url.path.startswith("/messages/") else "Conversation"
-    return error_response(request, 404, f"{gone} not found")
+    return error_for(request.url.path, 404, f"{gone} not found")
 
 
 @app.exception_handler(RequestValidationError)
@@ -450,7 +459,7 @@ async def invalid_request(
         for e in error.errors()
     ]
     # Under /v1, OpenAI's 400: the problems in one line, and the first one's field.
-    if under_v1(request):
+    if under_v1(request.url.path):
         where = [".".join(map(str, e["loc"][1:])) for e in errors]  # after "body"
         message = "; ".join(
             f"{at}: {e['msg']}" if at else e["msg"] for at, e in zip(where, errors)
@@ -652,9 +661,8 @@ async def delete_message(message: MessageDep, session: SessionDep) -> None:
 # and including it) or `<message_id>:end` on the final event, so a client that lost its
 # connection asks for the rest with a Last-Event-ID header and gets each character once.
 
-STOPPED = (
-    499  # the status of a stopped reply; set on a live row, it asks its process to stop
-)
+# The status of a stopped reply. Set on a live row, it asks the reply's process to stop.
+STOPPED = 499
 RETRY_MS = 1000  # how soon a browser's EventSource reconnects
 PING_SECONDS = 15  # a comment line that keeps idle connections open through proxies
 background_tasks: set[asyncio.Task] = set()
@@ -674,13 +682,11 @@ class LiveReply:
     length: int = 0  # characters so far
     finish_reason: str | None = None  # why the model stopped, as it said (stop, length)
     usage: dict[str, int | None] = field(default_factory=dict)
-    changed: asyncio.Event = field(
-        default_factory=asyncio.Event
-    )  # replaced on each change
+    # Set, and replaced by a new one, on every change: followers wait on it.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    ended_by: tuple[int, str] | None = (
-        None  # a stop or a deletion, before the model's end
-    )
+    # What ended it before the model did: a stop, a deletion.
+    ended_by: tuple[int, str] | None = None
     thread: "Thread | None" = None  # a /v1 call's, see "OpenAI-compatible front"
     # How it ended, once stored: the status (a 503 when it could not be stored), a detail for
     # errors, and its row as stored (none if it was deleted).
@@ -750,7 +756,8 @@ def database_clock() -> Any:
 
 async def checkpoint(reply: LiveReply) -> None:
     """Write the text so far to the row when it changed, and a heartbeat; see stops and deletions."""
-    stored_length, stored_at = 0, time.monotonic()
+    # The first tick writes too: from then on the row is stamped by the database's clock.
+    stored_length, stored_at = 0, float("-inf")
     live_row = (col(Message.id) == reply.message_id) & col(Message.live)
     while True:
         await asyncio.sleep(settings.checkpoint_ms / 1000)
@@ -770,9 +777,8 @@ async def checkpoint(reply: LiveReply) -> None:
         else:
             query = select(Message.id, Message.status_code).where(live_row)
         try:
-            with anyio.CancelScope(
-                shield=True
-            ):  # the reply's end comes after this write
+            # Not cut short by the reply's end: that is stored after this write.
+            with anyio.CancelScope(shield=True):
                 async with AsyncSession(engine) as session:
                     row = (await session.exec(query)).one_or_none()
                     await session.commit()
@@ -845,9 +851,7 @@ async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
         await asyncio.sleep(0.1)
         if not (await session.exec(select(Message.live).where(live_row))).first():
             return
-        await (
-            session.commit()
-        )  # end the read's transaction: the next one sees new writes
+        await session.commit()  # end the read: the next one sees new writes
     # No process answered: the one that ran it died. End it with its last checkpoint.
     await session.exec(
         update(Message).where(live_row).values(live=False, is_success=False)
@@ -901,9 +905,8 @@ class GenerateRequest(SQLModel):
 
 
 class GenerateQuery(GenerateRequest):
-    model_config = ConfigDict(
-        strict=False
-    )  # a query string is text: ?conversation_id=5
+    # A query string is text: ?conversation_id=5 is a number.
+    model_config = ConfigDict(strict=False)
 
 
 def validated(model: type[SQLModel], data: object) -> Any:
@@ -1044,7 +1047,9 @@ async def generate(
     except openai.APIConnectionError:
         return 502, "The model could not be reached, or its reply broke off"
     except openai.APIStatusError as error:
-        return error.status_code, upstream_error(error)
+        # A status past 599 is no HTTP status (and no column would take it): a broken reply.
+        status_code = error.status_code if error.status_code < 600 else 502
+        return status_code, upstream_error(error)
     except Exception as error:  # the turn must be stored whatever the upstream sent
         logger.exception("Reply %s could not be read", reply.message_id)
         return 502, f"The model's reply could not be read: {one_line(str(error), 300)}"
@@ -1104,7 +1109,177 @@ def resumed_from(last_event_id: str | None) -> tuple[int, int | None] | None:
     return int(message_id), None if offset == "end" else int(offset)
 
 
-@api.get("/text/generate/stream")
+# What the streams send, for the OpenAPI document (/docs) ----------------------------------
+
+
+class StreamStart(SQLModel):
+    conversation_id: int
+    message_id: int
+
+
+class StreamPiece(SQLModel):
+    content: str
+
+
+class StreamError(SQLModel):
+    detail: str
+    status_code: int
+
+
+class ErrorDetail(SQLModel):
+    detail: str | list[dict[str, Any]]
+
+
+def sse_event(name: str | None, data: dict, about: str, last: bool = False) -> dict:
+    """One kind of server-sent event: its `event:` name (None: unnamed), `id:` and JSON `data:`."""
+    event_id = (
+        {"type": "string", "pattern": r"^\d+:end$", "description": "<message_id>:end"}
+        if last
+        else {
+            "type": "string",
+            "pattern": r"^\d+:\d+$",
+            "description": "<message_id>:<offset>, the reply's length in code points so far",
+        }
+    )
+    fields = {"id": event_id}
+    if name:
+        fields["event"] = {"const": name}
+    if name == "start":
+        fields["retry"] = {"type": "integer", "description": "reconnect delay, ms"}
+    fields["data"] = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": data,
+    }
+    required = ["id", "data"] + (["event"] if name else [])
+    title = name or "piece (unnamed: a browser's 'message')"
+    return {
+        "title": title,
+        "description": about,
+        "properties": fields,
+        "required": required,
+    }
+
+
+STREAM_EVENTS = [
+    sse_event(
+        "start",
+        StreamStart.model_json_schema(),
+        "First: the turn is stored (prompt saved, is_success null).",
+    ),
+    sse_event(None, StreamPiece.model_json_schema(), "The next piece of the reply."),
+    sse_event(
+        "done",
+        {"$ref": "#/components/schemas/MessagePublic"},
+        "Last, on success: the message as stored.",
+        last=True,
+    ),
+    sse_event(
+        "error",
+        StreamError.model_json_schema(),
+        "Last, on failure: the upstream's status, 499 stopped, 502, 503, 504, 410 deleted.",
+        last=True,
+    ),
+]
+STREAM_EXAMPLE = """event: start
+id: 7:0
+retry: 3000
+data: {"conversation_id": 3, "message_id": 7}
+
+id: 7:6
+data: {"content": "hello "}
+
+id: 7:11
+data: {"content": "there"}
+
+event: done
+id: 7:end
+data: {"id": 7, "conversation_id": 3, "response_content": "hello there", ...}
+
+"""
+
+
+STREAM_DESCRIPTION = """A `text/event-stream` of these events, in this order (the schema of each
+is in `itemSchema`):
+
+| event | `id:` | `data:` (JSON) |
+|---|---|---|
+| `start` (also `retry:`) | `<message_id>:<offset>` | `{"conversation_id": int, "message_id": int}` |
+| unnamed, zero or more | `<message_id>:<offset>` | `{"content": str}`: the next piece of the reply |
+| `done`, or | `<message_id>:end` | the Message as stored |
+| `error` | `<message_id>:end` | `{"detail": str, "status_code": int}` |
+
+The offset counts the reply's characters (code points) so far: send the last `id` back as
+`Last-Event-ID` to `GET /messages/{message_id}/stream` to resume."""
+
+
+def error_response(description: str) -> dict:
+    schema = ErrorDetail.model_json_schema()
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+RESPONSES: dict[int, dict] = {
+    200: {
+        "description": STREAM_DESCRIPTION,
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {"oneOf": STREAM_EVENTS},
+                "example": STREAM_EXAMPLE,
+            }
+        },
+    },
+    204: {
+        "description": "`Last-Event-ID` was `<message_id>:end`: the client has the last event"
+    },
+    401: error_response("Missing or wrong API key (when API_KEY is set)"),
+    403: error_response("A browser request from another site (see CORS_ORIGINS)"),
+    404: error_response("Unknown conversation or message"),
+    409: error_response("The turn has already ended"),
+    422: error_response("Invalid prompt, body or parameter"),
+    429: error_response("MAX_LIVE_REPLIES replies are running already (Retry-After)"),
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """The responses an endpoint can give; every error comes before a stream's first byte."""
+    return {status: RESPONSES[status] for status in statuses}
+
+
+def query_parameters(model: type[SQLModel]) -> dict:
+    """The query a hand-validated endpoint reads (see `validated`), for the document."""
+    schema = model.model_json_schema()
+    return {
+        "parameters": [
+            {
+                "name": name,
+                "in": "query",
+                "required": name in schema.get("required", []),
+                "schema": field_schema,
+            }
+            for name, field_schema in schema["properties"].items()
+        ]
+    }
+
+
+def json_body(model: type[SQLModel]) -> dict:
+    schema = model.model_json_schema()
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+@api.get(
+    "/text/generate/stream",
+    response_class=Response,  # for the document: it returns an event stream or a 204
+    responses=documented(200, 401, 403, 404, 422, 429),
+    openapi_extra=query_parameters(GenerateQuery),
+)
 async def generate_stream(
     request: Request, session: SessionDep, last_event_id: LastEventId = None
 ) -> Response:
@@ -1115,7 +1290,12 @@ async def generate_stream(
     return event_stream(await start_turn(body, session), 0)
 
 
-@api.post("/text/generate/stream")
+@api.post(
+    "/text/generate/stream",
+    response_class=Response,
+    responses=documented(200, 401, 403, 404, 422, 429),
+    openapi_extra=json_body(GenerateRequest),
+)
 async def generate_stream_post(
     session: SessionDep,
     body: Annotated[Any, Body()] = None,
@@ -1126,7 +1306,11 @@ async def generate_stream_post(
     return event_stream(await start_turn(validated(GenerateRequest, body), session), 0)
 
 
-@api.get("/messages/{message_id}/stream")
+@api.get(
+    "/messages/{message_id}/stream",
+    response_class=Response,
+    responses=documented(200, 204, 401, 403, 404, 422),
+)
 async def follow_stream(
     message_id: MessageId,
     session: SessionDep,
@@ -1139,7 +1323,11 @@ async def follow_stream(
     return await follow(message_id, offset, session)
 
 
-@api.post("/messages/{message_id}/stop", status_code=202)
+@api.post(
+    "/messages/{message_id}/stop",
+    status_code=202,
+    responses=documented(401, 403, 404, 409),
+)
 async def stop_reply(message: MessageDep, session: SessionDep) -> MessagePublic:
     if not message.live:
         raise HTTPException(409, "The turn has already ended")
@@ -1495,12 +1683,28 @@ async def start_call(
     return await start_reply(session, conversation, prompt, to_model, sampling, thread)
 
 
+class OpenAIError(SQLModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(SQLModel):
+    error: OpenAIError
+
+
+# For the document (/docs): errors under /v1 are not {"detail": ...}, and invalid is 400.
+OPENAI_ERRORS = {
+    "4XX": {"model": OpenAIErrorBody, "description": "400, 401, 403, 404, 429, ..."},
+    "5XX": {"model": OpenAIErrorBody, "description": "The upstream's status, 502, 503"},
+}
 ConversationHeader = Annotated[
     int | None, Header(alias="X-Conversation-Id", ge=1, le=INT32_MAX)
 ]
 
 
-@api.post("/v1/chat/completions")
+@api.post("/v1/chat/completions", responses=OPENAI_ERRORS)
 async def chat_completions(
     call: ChatRequest, session: SessionDep, conversation_id: ConversationHeader = None
 ) -> Response:
@@ -1598,7 +1802,7 @@ async def upstream_models() -> list[str]:
     return ids
 
 
-@api.get("/v1/models")
+@api.get("/v1/models", responses=OPENAI_ERRORS)
 async def list_models() -> dict:
     ids = dict.fromkeys([ECHO, settings.default_model, *await upstream_models()])
     models = [
@@ -1615,3 +1819,135 @@ app.include_router(api)
 async def health(session: SessionDep) -> dict[str, str]:
     await session.exec(select(1))
     return {"status": "ok"}
+
+
+# Browsers --------------------------------------------------------------------------------
+# The chat page at /, CORS for the origins in CORS_ORIGINS, and a guard: a request that a
+# browser marks as coming from another site is refused before it reaches an endpoint, so a page
+# the user happens to visit cannot start generations or change data on their local service.
+
+PAGE = FilePath(__file__).with_name("static") / "index.html"
+
+
+def csp_hash(tag: str, html: str) -> str:
+    """The CSP source for the page's one inline <script> or <style>: inline handlers never run."""
+    body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL).group(1)
+    return (
+        f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+    )
+
+
+def page_response() -> tuple[bytes, dict[str, str]]:
+    html = PAGE.read_text()
+    headers = {
+        "Content-Security-Policy": (
+            f"default-src 'none'; script-src {csp_hash('script', html)}; "
+            f"style-src {csp_hash('style', html)}; connect-src 'self'; img-src 'self' data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        ),
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-cache",
+    }
+    model = html_escape(settings.default_model, quote=True)
+    html = html.replace('content="DEFAULT_MODEL"', f'content="{model}"', 1)
+    return html.encode(), headers
+
+
+page_body, page_headers = page_response()
+
+
+@app.get("/", include_in_schema=False)
+async def chat_page() -> HTMLResponse:
+    return HTMLResponse(page_body, headers=page_headers)
+
+
+def origin_key(origin: str) -> tuple[str, str, int | None] | None:
+    """scheme, host and port of an origin (default ports made explicit); None if malformed."""
+    try:
+        parts = urlsplit(origin.strip().lower())
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname or parts.path.strip("/"):
+        return None
+    return parts.scheme, parts.hostname, port
+
+
+def parse_cors_origins(value: str) -> dict[tuple[str, str, int | None], str]:
+    """Each origin in CORS_ORIGINS, as a key and as a browser writes it; refuses the malformed."""
+    origins = {}
+    for origin in filter(None, (o.strip() for o in value.split(","))):
+        key = origin_key(origin)
+        if key is None or key[0] not in ("http", "https"):
+            raise ValueError(
+                f"CORS_ORIGINS: {origin!r} is not an origin like http://localhost:5173"
+            )
+        scheme, host, port = key
+        host = f"[{host}]" if ":" in host else host
+        default = port == {"http": 80, "https": 443}[scheme]
+        origins[key] = f"{scheme}://{host}" + ("" if default else f":{port}")
+    return origins
+
+
+allowed_origins = parse_cors_origins(settings.cors_origins)
+
+# Open to links and requests from anywhere: they read nothing private and change nothing.
+OPEN_PATHS = {
+    "/",
+    "/health",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/openapi.json",
+}
+OPEN_PREFIXES = ("/static-offline-docs/",)  # Swagger UI's files (fastapi-offline)
+
+
+def from_another_site(scope: dict) -> bool:
+    """The contract's rule: an Origin that is neither ours nor allowed, or a Sec-Fetch-Site
+    of cross-site/same-site without an allowed Origin (an <img> sends no Origin)."""
+    headers = Headers(scope=scope)
+    origin = headers.get("origin")
+    if origin is None:
+        return headers.get("sec-fetch-site") in ("cross-site", "same-site")
+    ours = origin_key(f"{scope.get('scheme', 'http')}://{headers.get('host', '')}")
+    key = origin_key(origin)
+    return key is None or (key != ours and key not in allowed_origins)
+
+
+def refusal(path: str) -> JSONResponse:
+    """403 in the error shape of the path: OpenAI's under /v1, {"detail": ...} elsewhere."""
+    message = (
+        "Refused: a browser request from another site. "
+        "Add its origin to CORS_ORIGINS to allow it."
+    )
+    return error_for(path, 403, message)
+
+
+class RefuseOtherSites:
+    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] == "http"
+            and path not in OPEN_PATHS
+            and not path.startswith(OPEN_PREFIXES)
+            and from_another_site(scope)
+        ):
+            await refusal(path)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(RefuseOtherSites)
+# Outside the guard, so that preflights get CORS's answer (none for other origins: 400).
+app.add_middleware(
+    CORSMiddleware,
+    allow_origins=list(allowed_origins.values()),
+    allow_methods=["*"],
+    allow_headers=["*"],
+    expose_headers=["X-Conversation-Id", "X-Message-Id"],
+)

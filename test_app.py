@@ -4,10 +4,12 @@ Every test talks HTTP to the app running in a real uvicorn, on SQLite and on Pos
 (TEST_DATABASE_URL; without it the Postgres cases skip, and under CI=true they fail). Models
 other than `echo` are served by `fake_llm` below, a small OpenAI-compatible server the tests
 run themselves; its model name scripts the reply, e.g. `fake:pieces=5:gap_ms=100`.
+The chat page's tests, at the end, drive headless Chromium, on SQLite only.
 """
 
 import asyncio
 import configparser
+import contextlib
 import json
 import os
 import re
@@ -23,7 +25,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -35,6 +39,14 @@ from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    Route,
+    expect,
+    sync_playwright,
+)
 from sqlalchemy.engine import make_url
 
 PROJECT = Path(__file__).resolve().parent
@@ -209,12 +221,10 @@ def postgres_admin() -> psycopg.Connection:
     )
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def database(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Database]:
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("sqlite") / "chat.db"
+@contextmanager
+def new_database(kind: str, folder: Path) -> Iterator[Database]:
+    if kind == "sqlite":
+        path = folder / "chat.db"
         yield Database(f"sqlite:///{path}", str(path))
         return
     with postgres_admin() as admin:
@@ -230,6 +240,22 @@ def database(
             )
         finally:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Database]:
+    with new_database(request.param, tmp_path_factory.mktemp("sqlite")) as database:
+        yield database
+
+
+@pytest.fixture
+def empty_database(database: Database, tmp_path: Path) -> Iterator[Database]:
+    """Another database of the module's kind, empty: not even migrated."""
+    kind = "sqlite" if database.url.startswith("sqlite") else "postgres"
+    with new_database(kind, tmp_path) as empty:
+        yield empty
 
 
 @dataclass
@@ -1286,6 +1312,17 @@ def test_an_upstream_error_status_ends_the_turn_with_that_status(
     ) == (False, status, "")
 
 
+def test_an_upstream_status_past_599_is_a_broken_reply_502(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client, model_type="fake:fail=799")
+    _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
+    assert error_event(events)["status_code"] == 502
+    assert (
+        client.get(f"/conversations/{conversation['id']}/messages").status_code == 200
+    )
+
+
 def test_a_reply_that_breaks_off_is_502_with_the_partial_reply_stored(
     client: httpx.Client,
 ) -> None:
@@ -1836,20 +1873,30 @@ def test_while_a_reply_streams_its_row_shows_the_last_checkpoint(
     assert "".join(f"w{i} " for i in range(100)).startswith(stored["response_content"])
 
 
+@pytest.mark.parametrize("where", ["this process", "another process"])
 def test_stop_ends_the_reply_as_499_with_the_text_so_far_for_every_client(
-    server: Server, client: httpx.Client, long_reply: dict
+    server: Server,
+    start_app: Callable[..., Server],
+    client: httpx.Client,
+    long_reply: dict,
+    where: str,
 ) -> None:
+    """The follower and the stop go to the process that runs the reply, or to another one on
+    the same database (as with `uvicorn --workers N`)."""
+    other = server if where == "this process" else start_app()
     with client.stream("GET", "/text/generate/stream", params=long_reply) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
         seen = read_until(events, 6)
         with httpx.stream(
-            "GET", f"{server.url}/messages/{message_id}/stream", timeout=10
+            "GET", f"{other.url}/messages/{message_id}/stream", timeout=10
         ) as follower:
             followed = iter_events(follower)
             next(followed)  # start
-            stop = client.post(f"/messages/{message_id}/stop")
-            rest, followed_rest = list(events), list(followed)
+            first = read_until(followed, 1)
+            stop = httpx.post(f"{other.url}/messages/{message_id}/stop", timeout=10)
+            followed_rest = list(followed)
+        rest = list(events)
     assert stop.status_code == 202
     stopped = stop.json()
     assert (stopped["is_success"], stopped["status_code"], stopped["live"]) == (
@@ -1861,7 +1908,7 @@ def test_stop_ends_the_reply_as_499_with_the_text_so_far_for_every_client(
     assert error_event(rest) == {"detail": "Stopped", "status_code": 499}
     assert error_event(followed_rest) == {"detail": "Stopped", "status_code": 499}
     assert stopped["response_content"] == seen + reply_text(rest)
-    assert reply_text(followed_rest) == stopped["response_content"]
+    assert first + reply_text(followed_rest) == stopped["response_content"]
     assert "w99" not in stopped["response_content"]
 
 
@@ -2059,23 +2106,20 @@ def test_after_kill_9_a_reply_keeps_its_last_checkpoint_and_is_closed_as_500(
     assert len(stored["response_content"]) >= len(seen) - 5 * 4
 
 
-def test_another_process_on_the_same_database_follows_and_stops_a_reply(
+def test_a_stop_ends_a_reply_whose_process_died_with_its_last_checkpoint(
     start_app: Callable[..., Server], client: httpx.Client, long_reply: dict
 ) -> None:
-    other = start_app()
-    with client.stream("GET", "/text/generate/stream", params=long_reply) as response:
+    killed = start_app()
+    url = f"{killed.url}/text/generate/stream"
+    with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
-        seen = read_until(events, 6)
-        with httpx.stream(
-            "GET", f"{other.url}/messages/{message_id}/stream", timeout=10
-        ) as follower:
-            followed = iter_events(follower)
-            next(followed)  # start
-            first = read_until(followed, 1)
-            stop = httpx.post(f"{other.url}/messages/{message_id}/stop", timeout=10)
-            followed_rest = list(followed)
-        rest = list(events)
+        read_until(events, 30)
+        killed.process.kill()
+        killed.process.wait(5)
+    started = time.monotonic()
+    stop = client.post(f"/messages/{message_id}/stop")
+    assert time.monotonic() - started < 5
     assert stop.status_code == 202
     stopped = stop.json()
     assert (stopped["is_success"], stopped["status_code"], stopped["live"]) == (
@@ -2083,11 +2127,54 @@ def test_another_process_on_the_same_database_follows_and_stops_a_reply(
         499,
         False,
     )
-    assert error_event(rest) == {"detail": "Stopped", "status_code": 499}
-    assert error_event(followed_rest) == {"detail": "Stopped", "status_code": 499}
-    assert stopped["response_content"] == seen + reply_text(rest)
-    assert first + reply_text(followed_rest) == stopped["response_content"]
-    assert client.get(f"/messages/{message_id}").json() == stopped
+    assert stopped["response_content"]
+    assert "".join(f"w{i} " for i in range(100)).startswith(stopped["response_content"])
+
+
+def test_the_live_turns_migration_keeps_what_a_database_already_holds(
+    empty_database: Database, tmp_path: Path
+) -> None:
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    sqlite = url.startswith("sqlite")
+    assert alembic(ini, url, "upgrade", "4172c9fc1642").returncode == 0
+    at = "'2026-11-20 10:00:00.000000'" if sqlite else "'2026-11-20 10:00:00+00'"
+    too_long = "hex(zeroblob(500001))" if sqlite else "repeat('0', 1000002)"
+    too_big = 2**31 if sqlite else 7  # a Postgres integer cannot be over 2^31-1
+    nul = "'a' || char(0) || 'b'" if sqlite else "'a b'"
+    run_sql(
+        empty_database,
+        f"INSERT INTO conversations VALUES ('Old', 'echo', 1, {at}, {at})",
+    )
+    for values in (
+        f"'q', 'a', 1, 1, 2, true, 200, 1, 1, {at}, {at}",
+        f"'killed mid-reply', '', null, null, null, null, null, 2, 1, {at}, {at}",
+        f"'q', {nul}, -5, {too_big}, 7, false, 500, 3, 1, {at}, {at}",
+        f"'q', {too_long}, 1, 1, 2, true, 200, 4, 1, {at}, {at}",
+    ):
+        run_sql(empty_database, f"INSERT INTO messages VALUES ({values})")
+    assert alembic(ini, url, "upgrade", "head").returncode == 0
+    process, log = launch(
+        ["--port", str(port := free_port())], {"DATABASE_URL": url}, tmp_path
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        response = httpx.get(f"http://127.0.0.1:{port}/conversations/1/messages")
+    finally:
+        stop(process)
+    assert response.status_code == 200
+    messages = response.json()
+    assert [m["live"] for m in messages] == [False] * 4
+    assert (messages[0]["response_content"], messages[0]["total_tokens"]) == ("a", 2)
+    assert (messages[1]["prompt_content"], messages[1]["is_success"]) == (
+        "killed mid-reply",
+        None,
+    )
+    assert (messages[2]["prompt_tokens"], messages[2]["response_tokens"]) == (
+        None,
+        None if sqlite else 7,
+    )
+    assert messages[2]["response_content"] == ("a\ufffdb" if sqlite else "a b")
+    assert len(messages[3]["response_content"]) == 1_000_000
 
 
 # Database faults -------------------------------------------------------------------------
@@ -2412,6 +2499,931 @@ def test_a_postgres_migration_may_take_longer_than_the_apps_wait_for_an_answer(
             assert result.returncode == 0, result.stderr
         finally:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+# The chat page ---------------------------------------------------------------------------
+# Headless Chromium (Debian's `chromium`, driven by Playwright) against the app on SQLite: the
+# API's database behaviour is covered above on both databases. Every request a page makes is
+# routed: those to the service go through, any other is refused and recorded.
+
+CHROMIUM = shutil.which("chromium")
+FRIEND = (
+    "http://localhost:5173"  # an origin in CORS_ORIGINS: a front end on Vite's port
+)
+STRANGER = "http://evil.example"  # any other site
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Browser]:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs the browser tests: apt-get install -y chromium")
+        pytest.skip("the chat page's tests need Chromium: apt-get install -y chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def start_page_app(
+    llm_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Server]]:
+    """Start the app on a new SQLite file; keyword arguments are settings (env names)."""
+    workdir = tmp_path_factory.mktemp("page")
+    started = []
+
+    def start(**settings: str) -> Server:
+        port = free_port()
+        env = {
+            "DATABASE_URL": f"sqlite:///{workdir / f'chat-{port}.db'}",
+            "OPENAI_BASE_URL": llm_url,
+            "OPENAI_API_KEY": "sk-test",
+            **settings,
+        }
+        process, log = launch(["--port", str(port)], env, workdir)
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process, log)
+        return Server(url, process, log)
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def page_server(start_page_app: Callable[..., Server]) -> Server:
+    return start_page_app(CORS_ORIGINS=FRIEND)
+
+
+@pytest.fixture
+def service(page_server: Server) -> Iterator[httpx.Client]:
+    """The page's service, through its HTTP API (to arrange and to check what is stored)."""
+    with httpx.Client(base_url=page_server.url, timeout=10) as http:
+        yield http
+
+
+@dataclass
+class Requests:
+    served: list[str]  # to the service
+    elsewhere: list[str]  # to anywhere else: refused
+
+
+@pytest.fixture
+def requests_made() -> Requests:
+    return Requests([], [])
+
+
+@pytest.fixture
+def open_page(
+    chromium: Browser, page_server: Server, requests_made: Requests
+) -> Iterator[Callable[..., Page]]:
+    """open_page(path, server=..., width=..., height=...): a new tab in a new browser profile."""
+    contexts: list[BrowserContext] = []
+
+    def open_(
+        path: str = "/",
+        server: Server = page_server,
+        width: int = 1280,
+        height: int = 800,
+        context: BrowserContext | None = None,
+    ) -> Page:
+        if context is None:
+            context = chromium.new_context(viewport={"width": width, "height": height})
+            contexts.append(context)
+
+            def only_the_service(route: Route) -> None:
+                url = route.request.url
+                if url == server.url or url.startswith(f"{server.url}/"):
+                    requests_made.served.append(url)
+                    route.continue_()
+                else:
+                    requests_made.elsewhere.append(url)
+                    route.abort()
+
+            context.route("**/*", only_the_service)
+        page = context.new_page()
+        page.goto(f"{server.url}{path}")
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+
+
+def prompt_box(page: Page):
+    return page.get_by_role("textbox", name="Message", exact=True)
+
+
+def send_message(page: Page, text: str) -> None:
+    prompt_box(page).fill(text)
+    prompt_box(page).press("Enter")
+
+
+def last_reply(page: Page):
+    return page.locator(".turn .reply .text").last
+
+
+def last_status(page: Page):
+    return page.locator(".turn .status").last
+
+
+def start_new_chat(page: Page, model: str) -> None:
+    page.get_by_role("button", name="New chat").click()
+    page.get_by_label("Model").fill(model)
+
+
+def conversation_id_in_url(page: Page) -> int:
+    page.wait_for_url("**/#/c/*")
+    return int(page.url.rsplit("/", 1)[1])
+
+
+def words(count: int) -> str:
+    """The fake model's reply of `count` pieces."""
+    return "".join(f"w{i} " for i in range(count))
+
+
+def test_the_page_is_html_at_the_root_with_a_policy_that_runs_only_its_own_script(
+    service: httpx.Client,
+) -> None:
+    response = service.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+    assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+
+
+def test_a_reply_streams_into_the_page_as_it_arrives(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    page = open_page()
+    start_new_chat(page, "fake:pieces=20:gap_ms=100")
+    send_message(page, "Tell me a story")
+    reply = last_reply(page)
+    renders = []
+    deadline = time.monotonic() + 15
+    while (text := reply.text_content()) != words(20):
+        assert time.monotonic() < deadline, f"the reply stopped at {text!r}"
+        if not renders or renders[-1] != text:
+            renders.append(text)
+    partial = [text for text in renders if text]
+    assert len(partial) >= 5, renders  # seen piece by piece, not all at once at the end
+    assert all(words(20).startswith(text) for text in partial)
+    expect(last_status(page)).to_have_text("7 prompt + 20 reply = 27 tokens")
+    stored = service.get(f"/conversations/{conversation_id_in_url(page)}/messages")
+    assert [(m["prompt_content"], m["response_content"]) for m in stored.json()] == [
+        ("Tell me a story", words(20))
+    ]
+
+
+def test_a_new_chat_uses_the_model_chosen_and_is_titled_from_the_prompt(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    page = open_page()
+    expect(page.get_by_label("Model")).to_have_value("echo")  # DEFAULT_MODEL
+    start_new_chat(page, "fake:pieces=2")
+    send_message(page, "Plan a weekend in Lisbon")
+    expect(last_reply(page)).to_have_text(words(2))
+    conversation = service.get(f"/conversations/{conversation_id_in_url(page)}").json()
+    assert conversation["model_type"] == "fake:pieces=2"
+    assert conversation["title"] == "Plan a weekend in Lisbon"
+    expect(page.locator("#title")).to_have_text("Plan a weekend in Lisbon")
+    expect(page.get_by_role("link", name="Plan a weekend in Lisbon")).to_be_visible()
+
+
+def test_enter_sends_and_shift_enter_starts_a_new_line(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    page = open_page()
+    box = prompt_box(page)
+    box.click()
+    page.keyboard.type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    expect(box).to_have_value("first line\nsecond line")
+    page.keyboard.press("Enter")
+    expect(last_reply(page)).to_have_text("first line\nsecond line")
+    expect(box).to_have_value("")
+    messages = service.get(f"/conversations/{conversation_id_in_url(page)}/messages")
+    assert messages.json()[0]["prompt_content"] == "first line\nsecond line"
+
+
+def test_the_keyboard_alone_opens_a_conversation_and_continues_it(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    title = f"Keyboard {uuid.uuid4().hex[:6]}"
+    conversation = new_conversation(service, title=title)
+    page = open_page()
+    link = page.get_by_role("link", name=title)
+    expect(link).to_be_visible()
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if link.evaluate("link => link === document.activeElement"):
+            break
+    expect(link).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#title")).to_have_text(title)
+    expect(prompt_box(page)).to_be_focused()
+    page.keyboard.type("typed, not clicked")
+    page.keyboard.press("Enter")
+    expect(last_reply(page)).to_have_text("typed, not clicked")
+    stored = service.get(f"/conversations/{conversation['id']}/messages").json()
+    assert [m["response_content"] for m in stored] == ["typed, not clicked"]
+
+
+def test_an_upstream_error_is_shown_plainly_in_its_turn(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    page = open_page()
+    start_new_chat(page, "fake:fail=500")
+    send_message(page, "Will this work?")
+    expect(last_status(page)).to_have_text(
+        "Error 500: The model answered 500: Error code: 500 - scripted failure 500"
+    )
+    expect(last_status(page)).to_have_class("status error")
+    # Reopened later, the stored turn still says it failed.
+    page.reload()
+    expect(last_status(page)).to_contain_text("failed (500)")
+
+
+@pytest.fixture
+def slow_chat(service: httpx.Client) -> dict:
+    """A conversation whose replies take five seconds: 50 pieces, 100 ms apart."""
+    return new_conversation(service, model_type="fake:pieces=50:gap_ms=100")
+
+
+def test_a_reload_mid_reply_shows_the_whole_reply_with_one_turn_stored(
+    open_page: Callable[..., Page], service: httpx.Client, slow_chat: dict
+) -> None:
+    page = open_page(f"/#/c/{slow_chat['id']}")
+    send_message(page, "a long one")
+    expect(last_reply(page)).to_contain_text("w3 ")
+    page.reload()
+    expect(page.locator(".reply.live")).to_have_count(1)  # still going after the reload
+    expect(last_reply(page)).to_have_text(words(50), timeout=15_000)
+    expect(last_status(page)).to_have_text("7 prompt + 50 reply = 57 tokens")
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert [(m["response_content"], m["is_success"]) for m in stored] == [
+        (words(50), True)
+    ]
+
+
+def test_a_second_tab_shows_the_same_reply_live(
+    open_page: Callable[..., Page], service: httpx.Client, slow_chat: dict
+) -> None:
+    first = open_page(f"/#/c/{slow_chat['id']}")
+    send_message(first, "for two tabs")
+    expect(last_reply(first)).to_contain_text("w3 ")
+    second = open_page(f"/#/c/{slow_chat['id']}", context=first.context)
+    expect(second.locator(".reply.live")).to_have_count(1)
+    for page in (first, second):
+        expect(last_reply(page)).to_have_text(words(50), timeout=15_000)
+        expect(last_status(page)).to_have_text("7 prompt + 50 reply = 57 tokens")
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert len(stored) == 1
+
+
+def test_stop_keeps_the_partial_reply_and_marks_it_stopped(
+    open_page: Callable[..., Page], service: httpx.Client, slow_chat: dict
+) -> None:
+    page = open_page(f"/#/c/{slow_chat['id']}")
+    send_message(page, "stop me")
+    expect(last_reply(page)).to_contain_text("w3 ")
+    page.get_by_role("button", name="Stop").click()
+    expect(last_status(page)).to_have_text("Stopped")
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    shown = last_reply(page).text_content()
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert len(stored) == 1
+    assert (stored[0]["is_success"], stored[0]["status_code"]) == (False, 499)
+    assert stored[0]["response_content"] == shown
+    assert shown.startswith("w0 w1 w2 w3 ") and "w49" not in shown
+
+
+def test_a_reply_followed_after_a_reload_can_be_stopped(
+    open_page: Callable[..., Page], service: httpx.Client, slow_chat: dict
+) -> None:
+    page = open_page(f"/#/c/{slow_chat['id']}")
+    send_message(page, "stop me later")
+    expect(last_reply(page)).to_contain_text("w2 ")
+    page.reload()
+    expect(last_reply(page)).to_contain_text("w5 ")
+    page.get_by_role("button", name="Stop").click()
+    expect(last_status(page)).to_have_text("Stopped")
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert [(m["status_code"], m["response_content"]) for m in stored] == [
+        (499, last_reply(page).text_content())
+    ]
+
+
+class CuttableProxy:
+    """A TCP proxy in front of the app whose open connections a test can cut, as a network would."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.open = port, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self.pipe, args=(source, sink), daemon=True
+                ).start()
+
+    def pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        cut, self.open = self.open, []
+        for end in cut:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+                end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_a_broken_connection_resumes_from_the_last_event_id(
+    open_page: Callable[..., Page],
+    page_server: Server,
+    service: httpx.Client,
+    slow_chat: dict,
+    requests_made: Requests,
+) -> None:
+    proxy = CuttableProxy(int(page_server.url.rsplit(":", 1)[1]))
+    try:
+        through_proxy = Server(proxy.url, page_server.process, page_server.log)
+        page = open_page(f"/#/c/{slow_chat['id']}", server=through_proxy)
+        send_message(page, "mind the gap")
+        expect(last_reply(page)).to_contain_text("w3 ")
+        proxy.cut()
+        expect(last_reply(page)).to_have_text(words(50), timeout=15_000)
+        expect(last_status(page)).to_have_text("7 prompt + 50 reply = 57 tokens")
+    finally:
+        proxy.close()
+    stored = service.get(f"/conversations/{slow_chat['id']}/messages").json()
+    assert [m["response_content"] for m in stored] == [words(50)]
+    # It asked for the rest by event id (GET /messages/{id}/stream without ?offset=).
+    assert f"{proxy.url}/messages/{stored[0]['id']}/stream" in requests_made.served
+
+
+def test_html_in_prompts_replies_and_titles_shows_as_text(
+    open_page: Callable[..., Page],
+) -> None:
+    page = open_page()
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    markup = "<img src=x onerror=alert(1)> <b>bold?</b>"
+    send_message(page, markup)  # echo replies with the prompt itself
+    expect(last_reply(page)).to_have_text(markup)
+    expect(page.locator(".turn .prompt .text")).to_have_text(markup)
+    expect(page.locator("#title")).to_have_text(markup)  # the prompt's first words
+    expect(page.get_by_role("link", name=markup)).to_be_visible()
+    page.reload()  # and from what is stored
+    expect(last_reply(page)).to_have_text(markup)
+    assert page.locator("img, b").count() == 0
+    assert dialogs == []
+
+
+@pytest.fixture(scope="module")
+def keyed_server(start_page_app: Callable[..., Server]) -> Server:
+    return start_page_app(API_KEY=API_KEY)
+
+
+def test_with_an_api_key_the_page_asks_for_it_once_and_keeps_it(
+    open_page: Callable[..., Page], keyed_server: Server
+) -> None:
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    conversation = httpx.post(
+        f"{keyed_server.url}/conversations", json={"title": "Keyed"}, headers=bearer
+    ).json()
+    # Three requests are refused at once (the list, the conversation, its messages): one question.
+    page = open_page(f"/#/c/{conversation['id']}", server=keyed_server)
+    dialog = page.get_by_role("dialog", name="API key")
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("API key").fill(API_KEY)
+    dialog.get_by_label("API key").press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#title")).to_have_text("Keyed")
+    send_message(page, "with the key")
+    expect(last_reply(page)).to_have_text("with the key")
+    expect(dialog).to_be_hidden()
+    assert page.evaluate("localStorage.getItem('chat-backend:api-key')") == API_KEY
+    page.reload()
+    expect(page.get_by_role("link", name="Keyed")).to_be_visible()
+    expect(dialog).to_be_hidden()
+    stored = httpx.get(
+        f"{keyed_server.url}/conversations/{conversation['id']}/messages",
+        headers=bearer,
+    ).json()
+    assert [m["response_content"] for m in stored] == ["with the key"]
+
+
+def test_a_refused_api_key_is_asked_for_again(
+    open_page: Callable[..., Page], keyed_server: Server
+) -> None:
+    page = open_page(server=keyed_server)
+    dialog = page.get_by_role("dialog", name="API key")
+    dialog.get_by_label("API key").fill("not the key")
+    dialog.get_by_label("API key").press("Enter")
+    expect(dialog).to_contain_text("refused")
+    dialog.get_by_label("API key").fill(API_KEY)
+    dialog.get_by_label("API key").press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#list-note")).not_to_contain_text("API key")
+
+
+def test_an_api_key_of_any_characters_works_from_the_page(
+    open_page: Callable[..., Page], start_page_app: Callable[..., Server]
+) -> None:
+    key = "clé-ключ-🔑"
+    page = open_page(server=start_page_app(API_KEY=key))
+    dialog = page.get_by_role("dialog", name="API key")
+    dialog.get_by_label("API key").fill(key)
+    dialog.get_by_label("API key").press("Enter")
+    expect(dialog).to_be_hidden()
+    send_message(page, "unicode key")
+    expect(last_reply(page)).to_have_text("unicode key")
+
+
+def test_a_dismissed_key_prompt_leaves_a_way_to_enter_the_key(
+    open_page: Callable[..., Page], keyed_server: Server
+) -> None:
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    conversation = httpx.post(
+        f"{keyed_server.url}/conversations", json={"title": "Later"}, headers=bearer
+    ).json()
+    page = open_page(f"/#/c/{conversation['id']}", server=keyed_server)
+    dialog = page.get_by_role("dialog", name="API key")
+    expect(dialog).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#turns")).to_contain_text("This service needs an API key.")
+    page.get_by_role("button", name="Enter the API key").click()
+    dialog.get_by_label("API key").fill(API_KEY)
+    dialog.get_by_label("API key").press("Enter")
+    expect(page.locator("#title")).to_have_text("Later")
+
+
+def test_rename_and_delete_a_conversation(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    conversation = new_conversation(service, title="Old name")
+    page = open_page(f"/#/c/{conversation['id']}")
+    page.get_by_role("button", name="Rename").click()
+    page.get_by_label("Title").fill("New <name>")
+    page.get_by_label("Title").press("Enter")
+    expect(page.locator("#title")).to_have_text("New <name>")
+    expect(page.get_by_role("link", name="New <name>")).to_be_visible()
+    url = f"/conversations/{conversation['id']}"
+    assert service.get(url).json()["title"] == "New <name>"
+    page.get_by_role("button", name="Delete").click()
+    page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+    expect(page.locator("#title")).to_have_text("New chat")
+    expect(page.get_by_role("link", name="New <name>")).to_have_count(0)
+    assert service.get(url).status_code == 404
+
+
+def test_150_conversations_show_newest_first_with_load_more(
+    open_page: Callable[..., Page], start_page_app: Callable[..., Server]
+) -> None:
+    server = start_page_app()
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        for i in range(150):
+            new_conversation(http, title=f"Chat {i:03}")
+    page = open_page(server=server)
+    links = page.locator("#conversations a .title")
+    expect(links.first).to_have_text("Chat 149")
+    load_more = page.get_by_role("button", name="Load more")
+    assert links.count() < 150
+    clicks = 0
+    while load_more.is_visible():
+        shown = links.count()
+        load_more.click()
+        expect(links).not_to_have_count(shown)
+        clicks += 1
+    assert clicks >= 2
+    assert links.all_text_contents() == [f"Chat {i:03}" for i in reversed(range(150))]
+
+
+def test_the_page_and_the_docs_ask_nothing_of_any_other_host(
+    open_page: Callable[..., Page], requests_made: Requests
+) -> None:
+    page = open_page()
+    send_message(page, "offline, please")
+    expect(last_reply(page)).to_have_text("offline, please")
+    page.goto(page.url.split("#")[0] + "docs")
+    expect(page.get_by_text("/text/generate/stream").first).to_be_visible()
+    assert requests_made.elsewhere == []
+    assert any(url.endswith("/swagger-ui-bundle.js") for url in requests_made.served)
+
+
+def test_the_docs_work_offline_with_the_stream_endpoints_listed(
+    open_page: Callable[..., Page],
+) -> None:
+    page = open_page("/docs")
+    operation = page.locator(".opblock", has_text="/text/generate/stream").first
+    expect(operation).to_be_visible()
+    operation.locator(".opblock-summary").click()
+    expect(operation).to_contain_text("text/event-stream")
+    expect(operation).to_contain_text("403")
+
+
+@pytest.mark.parametrize(
+    "method, path, errors",
+    [
+        ("get", "/text/generate/stream", {401, 403, 404, 422, 429}),
+        ("post", "/text/generate/stream", {401, 403, 404, 422, 429}),
+        ("get", "/messages/{message_id}/stream", {401, 403, 404, 422}),
+    ],
+)
+def test_the_openapi_document_describes_each_stream_its_events_and_its_errors(
+    service: httpx.Client, method: str, path: str, errors: set[int]
+) -> None:
+    operation = service.get("/openapi.json").json()["paths"][path][method]
+    responses = operation["responses"]
+    assert set(responses["200"]["content"]) == {"text/event-stream"}
+    stream = responses["200"]["content"]["text/event-stream"]
+    events = {e["title"].split()[0]: e for e in stream["itemSchema"]["oneOf"]}
+    assert set(events) == {"start", "piece", "done", "error"}
+    for name in ("start", "done", "error"):
+        assert events[name]["properties"]["event"] == {"const": name}
+    data = {name: e["properties"]["data"] for name, e in events.items()}
+    assert all(d["contentMediaType"] == "application/json" for d in data.values())
+    assert set(data["start"]["contentSchema"]["required"]) == {
+        "conversation_id",
+        "message_id",
+    }
+    assert data["piece"]["contentSchema"]["required"] == ["content"]
+    assert data["done"]["contentSchema"] == {
+        "$ref": "#/components/schemas/MessagePublic"
+    }
+    assert set(data["error"]["contentSchema"]["required"]) == {"detail", "status_code"}
+    assert {int(s) for s in responses if s.startswith("4")} == errors
+    for status in errors:
+        error = responses[str(status)]["content"]["application/json"]
+        assert error["schema"]["required"] == ["detail"], status
+
+
+def test_the_openapi_document_lists_the_stop_endpoints_409(
+    service: httpx.Client,
+) -> None:
+    paths = service.get("/openapi.json").json()["paths"]
+    responses = paths["/messages/{message_id}/stop"]["post"]["responses"]
+    assert {"202", "401", "403", "404", "409"} <= set(responses)
+    assert "detail" in str(responses["409"]["content"]["application/json"]["schema"])
+
+
+def test_the_openapi_document_shows_what_the_generation_endpoints_read(
+    service: httpx.Client,
+) -> None:
+    paths = service.get("/openapi.json").json()["paths"]
+    get = paths["/text/generate/stream"]["get"]
+    query = {p["name"]: p["required"] for p in get["parameters"] if p["in"] == "query"}
+    assert query == {"prompt": True, "conversation_id": False}
+    post = paths["/text/generate/stream"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"prompt", "conversation_id"}
+
+
+# Requests from other sites (plain HTTP, with the headers browsers send)
+
+
+def test_another_origin_is_refused_on_every_api_endpoint_before_anything_is_stored(
+    service: httpx.Client,
+) -> None:
+    before = service.get("/conversations").json()
+    openapi = service.get("/openapi.json").json()
+    operations = [op for op in every_operation(openapi) if op[1] != "/health"]
+    assert len(operations) >= 12
+    for method, path in operations:
+        response = service.request(
+            method,
+            path,
+            params={"prompt": "from elsewhere"},
+            json={"title": "x", "prompt": "from elsewhere"},
+            headers={"Origin": STRANGER},
+        )
+        assert response.status_code == 403, (method, path)
+        refused = response.json()
+        if path.startswith("/v1/"):  # OpenAI's error shape, for OpenAI clients
+            assert "CORS_ORIGINS" in refused["error"]["message"]
+        else:
+            assert "CORS_ORIGINS" in refused["detail"]
+    assert service.get("/conversations").json() == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},  # an <img> on another site: no Origin
+        {"Sec-Fetch-Site": "same-site"},  # an <img> on another local port
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"},
+        {"Origin": "null"},  # a sandboxed frame, a file:// page
+        {"Origin": "http://localhost:5173.evil.example"},
+    ],
+)
+def test_a_browser_request_from_elsewhere_is_refused(
+    service: httpx.Client, headers: dict
+) -> None:
+    before = service.get("/conversations").json()
+    response = service.get(
+        "/text/generate/stream", params={"prompt": "hi"}, headers=headers
+    )
+    assert response.status_code == 403
+    assert response.json()["detail"]
+    assert service.get("/conversations").json() == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # curl, SDKs, servers
+        {"Sec-Fetch-Site": "same-origin"},
+        {"Sec-Fetch-Site": "none"},  # typed in the address bar
+        {"Origin": "own", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": FRIEND, "Sec-Fetch-Site": "same-site"},
+    ],
+)
+def test_requests_from_the_service_itself_an_allowed_origin_or_no_browser_pass(
+    service: httpx.Client, page_server: Server, headers: dict
+) -> None:
+    if headers.get("Origin") == "own":
+        headers = {**headers, "Origin": page_server.url}
+    response = service.post("/conversations", json={"title": "ok"}, headers=headers)
+    assert response.status_code == 201
+
+
+def test_an_allowed_origin_may_call_and_read_the_conversation_id(
+    service: httpx.Client,
+) -> None:
+    preflight = service.options(
+        "/text/generate/stream",
+        headers={
+            "Origin": FRIEND,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == FRIEND
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    with service.stream(
+        "POST",
+        "/text/generate/stream",
+        json={"prompt": "hi from vite"},
+        headers={"Origin": FRIEND},
+    ) as response:
+        events = list(iter_events(response))
+    assert response.headers["access-control-allow-origin"] == FRIEND
+    exposed = response.headers["access-control-expose-headers"].lower()
+    assert "x-conversation-id" in exposed and "x-message-id" in exposed
+    assert events[-1][0] == "done"
+
+
+def test_a_preflight_from_another_origin_gets_no_allow_headers(
+    service: httpx.Client,
+) -> None:
+    response = service.options(
+        "/conversations",
+        headers={"Origin": STRANGER, "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/docs", "/openapi.json"])
+def test_the_page_the_docs_and_health_open_from_links_anywhere(
+    service: httpx.Client, path: str
+) -> None:
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": STRANGER}):
+        assert service.get(path, headers=headers).status_code == 200, headers
+
+
+def test_swagger_uis_files_open_from_anywhere(service: httpx.Client) -> None:
+    docs = service.get("/docs").text
+    files = [part.split('"')[0] for part in docs.split('="')[1:] if "/static" in part]
+    assert any(name.endswith(".js") for name in files)
+    for name in files:
+        response = service.get(name, headers={"Sec-Fetch-Site": "cross-site"})
+        assert response.status_code == 200, name
+
+
+def test_under_v1_the_refusal_has_openais_error_shape(service: httpx.Client) -> None:
+    response = service.get("/v1/models", headers={"Origin": STRANGER})
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "CORS_ORIGINS" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "origins", ["localhost:5173", "http://localhost:5173/app", "*"]
+)
+def test_a_malformed_cors_origins_setting_is_refused_at_start(
+    tmp_path: Path, origins: str
+) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CORS_ORIGINS": origins}
+    process, log = launch(["--port", str(free_port())], env, tmp_path)
+    assert process.wait(30) != 0
+    assert "CORS_ORIGINS" in log.read_text()
+
+
+# From a page on another port, in the browser
+
+
+@pytest.fixture
+def other_site() -> Iterator[str]:
+    """A page served on another local port: another origin, the same site."""
+
+    class Blank(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>Another site</title><p>elsewhere</p>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{http.server_address[1]}"
+    http.shutdown()
+
+
+CALL_FROM_PAGE = """async (api) => {
+    const outcome = async (promise) => {
+        try {
+            const response = await promise;
+            return response.type === "opaque" ? "opaque" : response.status;
+        } catch (error) {
+            return "blocked";
+        }
+    };
+    const image = await new Promise((resolve) => {
+        const img = new Image();
+        img.onload = () => resolve("loaded");
+        img.onerror = () => resolve("failed");
+        img.src = `${api}/text/generate/stream?prompt=from%20an%20img`;
+    });
+    return {
+        image,
+        simple: await outcome(fetch(`${api}/text/generate/stream?prompt=from%20no-cors`, {mode: "no-cors"})),
+        json: await outcome(fetch(`${api}/conversations`, {
+            method: "POST",
+            headers: {"Content-Type": "application/json"},
+            body: JSON.stringify({title: "from another port"}),
+        })),
+    };
+}"""
+
+
+def test_a_page_on_another_port_starts_nothing_unless_its_origin_is_allowed(
+    chromium: Browser, start_page_app: Callable[..., Server], other_site: str
+) -> None:
+    closed, open_to_it = start_page_app(), start_page_app(CORS_ORIGINS=other_site)
+    context = chromium.new_context()
+    page = context.new_page()
+    page.goto(other_site)
+    try:
+        refused = page.evaluate(CALL_FROM_PAGE, closed.url)
+        allowed = page.evaluate(CALL_FROM_PAGE, open_to_it.url)
+        conversation_id = page.evaluate(
+            """async (api) => {
+                const response = await fetch(`${api}/text/generate/stream`, {
+                    method: "POST",
+                    headers: {"Content-Type": "application/json"},
+                    body: JSON.stringify({prompt: "read the id"}),
+                });
+                await response.text();
+                return response.headers.get("X-Conversation-Id");
+            }""",
+            open_to_it.url,
+        )
+    finally:
+        context.close()
+    assert refused == {"image": "failed", "simple": "opaque", "json": "blocked"}
+    assert httpx.get(f"{closed.url}/conversations").json() == []
+    assert closed.output().count('" 403') == 2  # the <img> and the no-cors GET
+    assert allowed["json"] == 201
+    titles = {c["title"] for c in httpx.get(f"{open_to_it.url}/conversations").json()}
+    assert "from another port" in titles
+    assert conversation_id and conversation_id.isdigit()
+
+
+def seed_a_chat(http: httpx.Client) -> int:
+    """A few conversations, the last with turns that ended each way; returns its id."""
+    for title, model_type in [
+        ("Birthday gift ideas", "echo"),
+        ("Fix my bash loop", "llama3.2"),
+        ("Summarize this article", "gpt-4o-mini"),
+    ]:
+        new_conversation(http, title=title, model_type=model_type)
+    chat = new_conversation(http, title="Weekend in Lisbon", model_type="gpt-4o-mini")
+    turns = [
+        {
+            "prompt_content": "Plan a relaxed weekend in Lisbon for two.",
+            "response_content": "Saturday\n- Morning: coffee and pastéis de nata in Belém,"
+            " then the Jerónimos Monastery.\n- Afternoon: tram 28 up to Alfama; the view"
+            " from Miradouro de Santa Luzia.\n- Evening: dinner in Príncipe Real.\n\n"
+            "Sunday\n- LX Factory for brunch and bookshops, then a sunset walk along the river.",
+            "prompt_tokens": 14,
+            "response_tokens": 72,
+            "total_tokens": 86,
+            "is_success": True,
+            "status_code": 200,
+        },
+        {
+            "prompt_content": "Where should we eat on Saturday night? Nothing too touristy.",
+            "response_content": "Try the small tascas in Campo de Ourique: grilled fish,",
+            "is_success": False,
+            "status_code": 499,
+        },
+        {
+            "prompt_content": "And a plan for a rainy day?",
+            "response_content": "",
+            "is_success": False,
+            "status_code": 502,
+        },
+    ]
+    for turn in turns:
+        response = http.post(f"/conversations/{chat['id']}/messages", json=turn)
+        assert response.status_code == 201, response.text
+    return chat["id"]
+
+
+@pytest.mark.parametrize(
+    "name, width, height", [("desktop", 1280, 800), ("phone", 390, 844)]
+)
+def test_the_page_fits_desktop_and_phone_widths(
+    open_page: Callable[..., Page],
+    start_page_app: Callable[..., Server],
+    tmp_path: Path,
+    name: str,
+    width: int,
+    height: int,
+) -> None:
+    """UPDATE_SCREENSHOTS=1 saves the pictures as static/screenshot*.png for the README."""
+    server = start_page_app()
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        chat = seed_a_chat(http)
+    page = open_page(f"/#/c/{chat}", server=server, width=width, height=height)
+    expect(page.locator(".turn")).to_have_count(3)
+    expect(page.locator(".turn .status")).to_have_text(
+        [
+            "14 prompt + 72 reply = 86 tokens",
+            "Stopped",
+            "The model could not be reached, or its reply broke off (502)",
+        ]
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for element in [
+        *page.locator(".turn .text").filter(visible=True).all(),
+        page.locator("#title"),
+        prompt_box(page),
+        page.get_by_role("button", name="Send"),
+    ]:
+        box = element.bounding_box()
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width, element
+    folder = PROJECT / "static" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
+    suffix = "" if name == "desktop" else f"-{name}"
+    page.screenshot(path=folder / f"screenshot{suffix}.png")
+
+
+def test_at_phone_width_the_list_opens_over_the_chat_and_closes_on_a_choice(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    title = f"Pocket {uuid.uuid4().hex[:6]}"
+    new_conversation(service, title=title)
+    page = open_page(width=390, height=844)
+    link = page.get_by_role("link", name=title)
+    expect(link).to_be_hidden()
+    page.get_by_role("button", name="Chats").click()
+    expect(link).to_be_visible()
+    link.click()
+    expect(page.locator("#title")).to_have_text(title)
+    expect(link).to_be_hidden()
 
 
 # OpenAI-compatible front -----------------------------------------------------------------
@@ -2859,23 +3871,6 @@ def test_v1_the_stream_has_only_data_lines_and_ends_with_done(
     assert response.headers["content-type"].startswith("text/event-stream")
     assert all(line.startswith("data: ") for line in lines), lines
     assert lines[-1] == "data: [DONE]"
-
-
-@pytest.fixture
-def empty_database(database: Database, tmp_path: Path) -> Iterator[Database]:
-    """Another, empty database of the module's kind."""
-    if database.url.startswith("sqlite"):
-        path = tmp_path / "older.db"
-        yield Database(f"sqlite:///{path}", str(path))
-        return
-    with postgres_admin() as admin:
-        name = f"chat_test_{uuid.uuid4().hex[:12]}"
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = make_url(POSTGRES_URL).set(database=name).render_as_string(False)
-            yield Database(url, name)
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def rows(database: Database, query: str) -> list[tuple]:

@@ -45,10 +45,27 @@ def upgrade() -> None:
         "UPDATE messages SET response_content = substr(response_content, 1, 1000000)"
         " WHERE length(response_content) > 1000000"
     )
-    if op.get_bind().dialect.name == "sqlite":
-        for text in ("prompt_content", "response_content"):
-            op.execute(
-                f"UPDATE messages SET {text} = replace({text}, char(0), char(65533))"
+    bind = op.get_bind()
+    # Only SQLite can hold a NUL, and its replace() cannot look for one: Python replaces it.
+    if bind.dialect.name == "sqlite":
+        with_nul = bind.execute(
+            sa.text(
+                "SELECT id, prompt_content, response_content FROM messages"
+                " WHERE instr(CAST(prompt_content AS BLOB), x'00') > 0"
+                " OR instr(CAST(response_content AS BLOB), x'00') > 0"
+            )
+        ).all()
+        for message_id, prompt, response in with_nul:
+            bind.execute(
+                sa.text(
+                    "UPDATE messages SET prompt_content = :prompt, response_content = :response"
+                    " WHERE id = :id"
+                ),
+                {
+                    "id": message_id,
+                    "prompt": prompt.replace("\x00", "\ufffd"),
+                    "response": response.replace("\x00", "\ufffd"),
+                },
             )
 
 
