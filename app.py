@@ -1804,10 +1804,10 @@ async def upstream_models() -> list[str]:
 
 @api.get("/v1/models", responses=OPENAI_ERRORS)
 async def list_models() -> dict:
-    ids = dict.fromkeys([ECHO, settings.default_model, *await upstream_models()])
+    names = dict.fromkeys([ECHO, settings.default_model, *await upstream_models()])
     models = [
-        {"id": id, "object": "model", "created": 0, "owned_by": "chat-backend"}
-        for id in ids
+        {"id": name, "object": "model", "created": 0, "owned_by": "chat-backend"}
+        for name in names
     ]
     return {"object": "list", "data": models}
 
