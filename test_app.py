@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -3771,19 +3770,29 @@ def test_v1_a_call_beyond_max_live_replies_is_a_retryable_429(
     assert "x-should-retry" not in raised.value.response.headers
 
 
-def test_v1_two_calls_with_the_same_history_at_the_same_time_land_in_different_conversations(
-    sdk: openai.OpenAI,
+def test_v1_calls_with_the_same_history_at_the_same_time_land_in_different_conversations(
+    server: Server, sdk: openai.OpenAI
 ) -> None:
     messages = [user(unique("shared"))]
     reply, first = chat(sdk, messages)
     messages += [assistant(reply), user("and then?")]
-    with ThreadPoolExecutor(2) as pool:
-        calls = [
-            pool.submit(chat, sdk, messages, "fake:pieces=3:gap_ms=300")
-            for _ in range(2)
-        ]
-        conversations = {call.result()[1]["x-conversation-id"] for call in calls}
-    assert len(conversations) == 2
+
+    async def eight_at_once() -> set[str]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key="unused", max_retries=0
+        ) as client:
+            calls = [
+                client.chat.completions.with_raw_response.create(
+                    model="fake:pieces=3:gap_ms=300", messages=messages
+                )
+                for _ in range(8)
+            ]
+            return {
+                raw.headers["x-conversation-id"] for raw in await asyncio.gather(*calls)
+            }
+
+    conversations = asyncio.run(eight_at_once())
+    assert len(conversations) == 8
     assert first["x-conversation-id"] in conversations
 
 
