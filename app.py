@@ -1009,11 +1009,20 @@ async def stream_echo(prompt: str, reply: LiveReply) -> None:
     reply.finish_reason = "stop"
 
 
+# Chunks that arrive together are parsed without a pause, and the SDK takes ~0.1 ms a chunk:
+# every so often (and after the first piece) the reply's clients get the loop to send theirs.
+PAUSE_SECONDS = 0.005
+
+
 async def stream_llm(
     stream: openai.AsyncStream[ChatCompletionChunk], reply: LiveReply
 ) -> None:
+    paused_at = float("-inf")
     async with stream:
         async for chunk in stream:
+            if reply.pieces and time.monotonic() - paused_at > PAUSE_SECONDS:
+                await asyncio.sleep(0)
+                paused_at = time.monotonic()
             # Usage comes in an extra last chunk, from servers that honour include_usage.
             if usage := chunk.usage:
                 reply.set_usage(
