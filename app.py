@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from html import escape as html_escape
 from pathlib import Path as FilePath
+from select import select as readable  # the socket kind; queries use sqlmodel's select
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -198,9 +199,6 @@ if is_sqlite:
 else:
     engine = create_async_engine(
         database_url,
-        # The pool hands out connections the server has closed since (a restart, a failover)
-        # unless it tries each one first; a dead one is replaced and no request fails.
-        pool_pre_ping=True,
         # On a frozen database every pooled connection is stuck: do not queue for 30 s
         # (the default) for one.
         pool_timeout=DATABASE_TIMEOUT,
@@ -209,6 +207,18 @@ else:
             "async_creator_fn": BoundedConnection.connect,
         },
     )
+
+
+if not is_sqlite:
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def closed_by_the_server(connection: Any, record: Any, proxy: Any) -> None:
+        """The pool would hand out connections the server has closed since (a restart, a
+        failover, pg_terminate_backend). The server says goodbye as it closes one, so an idle
+        connection with something to read is closed: the pool replaces it, and no request
+        fails. (A cheaper pool_pre_ping: a look at the socket, not a round trip.)"""
+        if readable([record.driver_connection.fileno()], [], [], 0)[0]:
+            raise exc.DisconnectionError("closed by the server")
 
 
 if is_sqlite:
