@@ -306,22 +306,15 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="module")
-def start_app(
-    database: Database, llm_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[..., Server]]:
-    """Start the app on this module's database; keyword arguments are settings (env names)."""
-    workdir = tmp_path_factory.mktemp("app")
+@contextmanager
+def app_starter(workdir: Path, llm_url: str) -> Iterator[Callable[..., Server]]:
+    """A function that starts the app (keyword arguments are settings, env names) and waits
+    until it is healthy; every app it started is stopped at the end."""
     started = []
 
     def start(**settings: str) -> Server:
         port = free_port()
-        env = {
-            "DATABASE_URL": database.url,
-            "OPENAI_BASE_URL": llm_url,
-            "OPENAI_API_KEY": "sk-test",
-            **settings,
-        }
+        env = {"OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "sk-test", **settings}
         process, log = launch(["--port", str(port)], env, workdir)
         started.append(process)
         url = f"http://127.0.0.1:{port}"
@@ -331,6 +324,15 @@ def start_app(
     yield start
     for process in started:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def start_app(
+    database: Database, llm_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Server]]:
+    """Start the app on this module's database; keyword arguments are settings (env names)."""
+    with app_starter(tmp_path_factory.mktemp("app"), llm_url) as start:
+        yield lambda **settings: start(**{"DATABASE_URL": database.url, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -2530,25 +2532,13 @@ def start_page_app(
 ) -> Iterator[Callable[..., Server]]:
     """Start the app on a new SQLite file; keyword arguments are settings (env names)."""
     workdir = tmp_path_factory.mktemp("page")
-    started = []
+    with app_starter(workdir, llm_url) as start:
 
-    def start(**settings: str) -> Server:
-        port = free_port()
-        env = {
-            "DATABASE_URL": f"sqlite:///{workdir / f'chat-{port}.db'}",
-            "OPENAI_BASE_URL": llm_url,
-            "OPENAI_API_KEY": "sk-test",
-            **settings,
-        }
-        process, log = launch(["--port", str(port)], env, workdir)
-        started.append(process)
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, process, log)
-        return Server(url, process, log)
+        def start_on_a_new_file(**settings: str) -> Server:
+            path = workdir / f"chat-{uuid.uuid4().hex[:8]}.db"
+            return start(**{"DATABASE_URL": f"sqlite:///{path}", **settings})
 
-    yield start
-    for process in started:
-        stop(process)
+        yield start_on_a_new_file
 
 
 @pytest.fixture(scope="module")
