@@ -1434,20 +1434,29 @@ async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[byt
     """A reply of another process (or one that ended) as its row shows it, polled."""
     last_sent = time.monotonic()
     while True:
+        # Only the text past what was sent: a long reply is not read whole every poll.
+        past_offset = func.substr(Message.response_content, offset + 1)
+        query = select(past_offset, Message.live).where(col(Message.id) == message_id)
         try:
             async with AsyncSession(engine) as session:
-                message = await session.get(Message, message_id)
+                row = (await session.exec(query)).first()
+                ended = (  # the stored turn, for the final event
+                    await session.get(Message, message_id)
+                    if row and not row.live
+                    else None
+                )
         except DATABASE_ERRORS:
             return  # the client reconnects, and goes on from its last event
-        if message is None:
+        if row is None:
             yield error_event(410, DELETED, f"{message_id}:end")
             return
-        text = message.response_content
-        if len(text) > offset:
-            yield piece_event(message_id, text[offset:], len(text))
-            offset, last_sent = len(text), time.monotonic()
-        if not message.live:
-            yield final_event(message_id, *how_it_ended(message), message)
+        text = row[0]
+        if text:
+            offset += len(text)
+            yield piece_event(message_id, text, offset)
+            last_sent = time.monotonic()
+        if ended:
+            yield final_event(message_id, *how_it_ended(ended), ended)
             return
         if stopping:
             return  # this server is going away: the client reconnects to another
