@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -182,7 +183,13 @@ def free_port() -> int:
 def llm_url() -> Iterator[str]:
     port = free_port()
     config = uvicorn.Config(
-        fake_llm, port=port, log_level="critical", timeout_graceful_shutdown=1
+        fake_llm,
+        port=port,
+        log_level="critical",
+        timeout_graceful_shutdown=1,
+        # Longer than the app's client keeps an idle connection (5 s): with uvicorn's 5 s the
+        # two timers raced, and a reply now and then met a connection closed under it (502).
+        timeout_keep_alive=60,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -296,6 +303,19 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"the app did not answer /health in 30 s:\n{log.read_text()}")
 
 
+def listening_url(process: subprocess.Popen, log: Path) -> str:
+    """The address uvicorn says it listens on (it picks the port when told port 0)."""
+
+    def said() -> str | bool | None:
+        found = re.search(r"Uvicorn running on (http://\S+)", log.read_text())
+        return found[1] if found else process.poll() is not None
+
+    url = wait_for(said, 30)
+    if url is True:
+        pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()}")
+    return url
+
+
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -313,11 +333,12 @@ def app_starter(workdir: Path, llm_url: str) -> Iterator[Callable[..., Server]]:
     started = []
 
     def start(**settings: str) -> Server:
-        port = free_port()
         env = {"OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "sk-test", **settings}
-        process, log = launch(["--port", str(port)], env, workdir)
+        # Port 0: the OS picks a free one as uvicorn binds it, so parallel test processes
+        # (pytest -n) never race for a port.
+        process, log = launch(["--port", "0"], env, workdir)
         started.append(process)
-        url = f"http://127.0.0.1:{port}"
+        url = listening_url(process, log)
         wait_healthy(url, process, log)
         return Server(url, process, log)
 
@@ -362,14 +383,22 @@ def iter_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
 def generate(
     client: httpx.Client, **params: object
 ) -> tuple[httpx.Response, list[tuple[str, dict]]]:
+    """GET the stream to its end: the response and its events (none when it is refused; the
+    refusal's body is read, for response.json())."""
     with client.stream("GET", "/text/generate/stream", params=params) as response:
-        return response, list(
-            iter_events(response)
-        ) if response.status_code == 200 else response.read()
+        if response.status_code != 200:
+            response.read()
+            return response, []
+        return response, list(iter_events(response))
 
 
 def reply_text(events: list[tuple[str, dict]]) -> str:
     return "".join(data["content"] for name, data in events if name == "message")
+
+
+def words(count: int) -> str:
+    """The fake model's reply of `count` pieces."""
+    return "".join(f"w{i} " for i in range(count))
 
 
 def wait_for(check: Callable[[], object], seconds: float = 10) -> object:
@@ -418,15 +447,6 @@ def test_creating_a_conversation_trims_the_title_and_uses_the_default_model(
         "created_at",
         "updated_at",
     }
-
-
-def test_timestamps_carry_an_explicit_utc_offset(client: httpx.Client) -> None:
-    conversation = new_conversation(client)
-    for stamp in (
-        conversation["created_at"],
-        client.get(f"/conversations/{conversation['id']}").json()["updated_at"],
-    ):
-        assert stamp.endswith(("Z", "+00:00"))
 
 
 def test_reading_a_conversation_returns_it(client: httpx.Client) -> None:
@@ -839,21 +859,24 @@ def test_long_texts_round_trip_byte_for_byte(client: httpx.Client) -> None:
 # The service -----------------------------------------------------------------------------
 
 
-def test_health_says_ok(client: httpx.Client) -> None:
-    response = client.get("/health")
-    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+def test_health_says_ok_and_head_answers_like_get_without_a_body(
+    client: httpx.Client,
+) -> None:
+    # Every fixture waits for its 200; what it says, and HEAD, only here. Its 503 while the
+    # database is down is in the tests of database faults.
+    assert client.get("/health").json() == {"status": "ok"}
+    response = client.head("/health")
+    assert (response.status_code, response.content) == (200, b"")
 
 
 def test_the_app_starts_with_no_configuration_on_a_sqlite_file_in_the_working_directory(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    process, log = launch(["--port", str(port)], {}, tmp_path)
+    process, log = launch(["--port", "0"], {}, tmp_path)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, log)
-        conversation = httpx.post(
-            f"http://127.0.0.1:{port}/conversations", json={"title": "hi"}
-        ).json()
+        url = listening_url(process, log)
+        wait_healthy(url, process, log)
+        conversation = httpx.post(f"{url}/conversations", json={"title": "hi"}).json()
         assert conversation["model_type"] == "echo"
         assert (tmp_path / "chat.db").exists()
     finally:
@@ -909,6 +932,29 @@ def every_operation(openapi: dict) -> Iterator[tuple[str, str]]:
             )
 
 
+# Every operation of the API but /health, as every_operation() lists them. A new endpoint goes
+# here too: the tests of the API key and of the browser guard then cover it.
+API_OPERATIONS = {
+    ("GET", "/conversations"),
+    ("POST", "/conversations"),
+    ("GET", "/conversations/1"),
+    ("PUT", "/conversations/1"),
+    ("PATCH", "/conversations/1"),
+    ("DELETE", "/conversations/1"),
+    ("GET", "/conversations/1/messages"),
+    ("POST", "/conversations/1/messages"),
+    ("GET", "/messages/1"),
+    ("PUT", "/messages/1"),
+    ("DELETE", "/messages/1"),
+    ("GET", "/text/generate/stream"),
+    ("POST", "/text/generate/stream"),
+    ("GET", "/messages/1/stream"),
+    ("POST", "/messages/1/stop"),
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/models"),
+}
+
+
 def test_with_an_api_key_every_endpoint_but_health_and_docs_needs_the_bearer_token(
     guarded: Server,
 ) -> None:
@@ -920,7 +966,7 @@ def test_with_an_api_key_every_endpoint_but_health_and_docs_needs_the_bearer_tok
         operations = [
             op for op in every_operation(openapi.json()) if op[1] != "/health"
         ]
-        assert len(operations) >= 12
+        assert set(operations) == API_OPERATIONS
         for method, path in operations:
             for headers in (
                 {},
@@ -1007,7 +1053,9 @@ def test_while_the_database_is_down_every_endpoint_answers_503_quickly_then_reco
             503,
             {"detail": "Database unavailable"},
         ), (method, path)
-        assert time.monotonic() - started < 6
+        # The contract's bound (generous for a busy machine); unbounded, a request would
+        # wait for the pool (30 s) or the OS.
+        assert time.monotonic() - started < 10
     postgres_outage(False)
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get(f"/conversations/{conversation['id']}").json() == conversation
@@ -1021,7 +1069,7 @@ def test_three_workers_start_together_on_an_empty_postgres_database(
         admin.execute(f'CREATE DATABASE "{name}"')
         url = make_url(POSTGRES_URL).set(database=name).render_as_string(False)
         process, log = launch(
-            ["--port", str(free_port()), "--workers", "3"],
+            ["--port", "0", "--workers", "3"],
             {"DATABASE_URL": url},
             tmp_path,
         )
@@ -1319,9 +1367,8 @@ def test_an_upstream_status_past_599_is_a_broken_reply_502(
     conversation = new_conversation(client, model_type="fake:fail=799")
     _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
     assert error_event(events)["status_code"] == 502
-    assert (
-        client.get(f"/conversations/{conversation['id']}/messages").status_code == 200
-    )
+    stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
+    assert (stored["is_success"], stored["status_code"]) == (False, 502)
 
 
 def test_a_reply_that_breaks_off_is_502_with_the_partial_reply_stored(
@@ -1374,18 +1421,26 @@ def test_an_unreachable_upstream_is_502(start_app: Callable[..., Server]) -> Non
         )
 
 
+@pytest.fixture(scope="module")
+def impatient(start_app: Callable[..., Server]) -> Server:
+    return start_app(OPENAI_TIMEOUT="1")
+
+
 @pytest.mark.parametrize(
-    "model_type", ["fake:hang=1", "fake:pieces=3:gap_ms=3000"], ids=["silent", "stalls"]
+    "model_type",
+    ["fake:hang=1", "fake:pieces=3:gap_ms=30000"],
+    ids=["silent", "stalls"],
 )
 def test_an_upstream_silent_for_openai_timeout_is_504(
-    start_app: Callable[..., Server], model_type: str
+    impatient: Server, model_type: str
 ) -> None:
-    app = start_app(OPENAI_TIMEOUT="1")
-    with httpx.Client(base_url=app.url, timeout=10) as client:
+    with httpx.Client(base_url=impatient.url, timeout=60) as client:
         conversation = new_conversation(client, model_type=model_type)
         started = time.monotonic()
         _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
-        assert time.monotonic() - started < 2.5
+        # OPENAI_TIMEOUT is 1 s; the model would answer in an hour, or send its next piece
+        # in 30 s: a ceiling of 15 s is generous for a busy machine and still tells them apart.
+        assert time.monotonic() - started < 15
         assert error_event(events)["status_code"] == 504
         stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
         assert (
@@ -1417,11 +1472,14 @@ def read_until(events: Iterator[tuple[str, dict]], chars: int) -> str:
 
 
 def test_sigterm_mid_stream_stores_503_tells_every_client_and_exits_quickly(
-    start_app: Callable[..., Server], client: httpx.Client, long_reply: dict
+    start_app: Callable[..., Server], client: httpx.Client
 ) -> None:
     doomed = start_app()
+    # 100 s of reply: a server that waited for it to end would take that long to exit.
+    conversation = new_conversation(client, model_type="fake:pieces=1000:gap_ms=100")
+    params = {"prompt": "long one", "conversation_id": conversation["id"]}
     url = f"{doomed.url}/text/generate/stream"
-    with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
+    with httpx.stream("GET", url, params=params, timeout=10) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
         seen = read_until(events, 6)
@@ -1434,8 +1492,10 @@ def test_sigterm_mid_stream_stores_503_tells_every_client_and_exits_quickly(
             rest, followed_rest = list(events), list(followed)
     assert error_event(rest)["status_code"] == 503
     assert error_event(followed_rest)["status_code"] == 503
-    doomed.process.wait(5)
-    assert time.monotonic() - started < 5
+    doomed.process.wait(30)
+    assert (
+        time.monotonic() - started < 30
+    )  # generous for a busy machine, far from 100 s
     stored = client.get(f"/messages/{message_id}").json()
     assert (stored["is_success"], stored["status_code"], stored["live"]) == (
         False,
@@ -1452,29 +1512,28 @@ def test_forty_streams_run_at_once_on_the_default_pool_and_are_all_stored(
     conversation = new_conversation(client, model_type="fake:pieces=20:gap_ms=300")
     params = {"prompt": "together", "conversation_id": conversation["id"]}
 
-    async def one_stream(http: httpx.AsyncClient, began: float) -> tuple[float, list]:
+    async def one_stream(http: httpx.AsyncClient) -> tuple[float, list, float]:
         async with http.stream(
             "GET", "/text/generate/stream", params=params
         ) as response:
             lines = response.aiter_lines()
             names = [await anext(lines)]  # event: start
-            started = time.monotonic() - began
+            started = time.monotonic()
             names += [line async for line in lines if line.startswith("event:")]
-            return started, names
+            return started, names, time.monotonic()
 
-    async def forty_streams() -> list[tuple[float, list]]:
+    async def forty_streams() -> list[tuple[float, list, float]]:
         limits = httpx.Limits(max_connections=40)
         async with httpx.AsyncClient(
             base_url=server.url, timeout=30, limits=limits
         ) as http:
-            began = time.monotonic()
-            return await asyncio.gather(*(one_stream(http, began) for _ in range(40)))
+            return await asyncio.gather(*(one_stream(http) for _ in range(40)))
 
     results = asyncio.run(forty_streams())
-    assert all(names == ["event: start", "event: done"] for _, names in results)
-    # A reply takes 5.7 s: had a stream waited for a connection that another held for
-    # its whole reply, its start would have come that much later.
-    assert max(started for started, _ in results) < 3
+    assert all(names == ["event: start", "event: done"] for _, names, _ in results)
+    # Had a stream waited for a connection that another held for its whole reply (5.7 s),
+    # its start would have come after that reply's end.
+    assert max(start for start, _, _ in results) < min(end for *_, end in results)
     stored = client.get(f"/conversations/{conversation['id']}/messages").json()
     assert len(stored) == 40
     assert all(
@@ -1483,24 +1542,28 @@ def test_forty_streams_run_at_once_on_the_default_pool_and_are_all_stored(
 
 
 def test_a_reply_survives_the_database_going_away_while_it_ends(
-    postgres_outage: Callable[[bool], None], client: httpx.Client
+    postgres_outage: Callable[[bool], None], server: Server, client: httpx.Client
 ) -> None:
-    conversation = new_conversation(client, model_type="fake:pieces=6:gap_ms=200")
+    conversation = new_conversation(client, model_type="fake:pieces=30:gap_ms=100")
     params = {"prompt": "unlucky", "conversation_id": conversation["id"]}
     with client.stream("GET", "/text/generate/stream", params=params) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
         postgres_outage(True)
-        time.sleep(2)  # the reply ends meanwhile, and cannot be stored yet
-        postgres_outage(False)
-        rest = list(events)
+        # The database is down while the reply runs: its checkpoints fail...
+        wait_for(lambda: f"Checkpoint of {message_id} failed" in server.output())
+        # ...and the model sends the rest, whose end cannot be stored yet.
+        read_until(events, len(words(30)))
+        with ThreadPoolExecutor(1) as reader:
+            rest = reader.submit(list, events)
+            time.sleep(1)
+            assert not rest.done()  # the end waits for the database, not gives up
+            postgres_outage(False)
+            rest = rest.result(15)
     assert rest[-1][0] == "done"
     assert client.get("/health").json() == {"status": "ok"}
     stored = client.get(f"/messages/{message_id}").json()
-    assert (stored["response_content"], stored["is_success"]) == (
-        "w0 w1 w2 w3 w4 w5 ",
-        True,
-    )
+    assert (stored["response_content"], stored["is_success"]) == (words(30), True)
 
 
 def test_a_reply_is_stored_whole_when_the_database_drops_the_apps_connections(
@@ -1594,7 +1657,7 @@ def test_an_upstream_error_reaches_the_client_and_the_log_as_one_short_line(
 def test_a_setting_the_service_cannot_honour_is_refused_at_start(
     tmp_path: Path, setting: str, value: str
 ) -> None:
-    process, log = launch(["--port", str(free_port())], {setting: value}, tmp_path)
+    process, log = launch(["--port", "0"], {setting: value}, tmp_path)
     assert process.wait(30) != 0
     assert setting.lower() in log.read_text().lower()
 
@@ -1652,12 +1715,6 @@ def test_a_stream_request_body_is_strict_but_the_query_string_is_text(
     assert client.get("/conversations", params={"take": 1}).json() == newest
     _, events = generate(client, prompt="hi", conversation_id=str(conversation["id"]))
     assert events[0][1]["conversation_id"] == conversation["id"]
-
-
-def test_head_health_answers_like_get(client: httpx.Client) -> None:
-    response = client.head("/health")
-    assert response.status_code == 200
-    assert response.content == b""
 
 
 def run_sql(database: Database, statement: str) -> None:
@@ -2154,12 +2211,11 @@ def test_the_live_turns_migration_keeps_what_a_database_already_holds(
     ):
         run_sql(empty_database, f"INSERT INTO messages VALUES ({values})")
     assert alembic(ini, url, "upgrade", "head").returncode == 0
-    process, log = launch(
-        ["--port", str(port := free_port())], {"DATABASE_URL": url}, tmp_path
-    )
+    process, log = launch(["--port", "0"], {"DATABASE_URL": url}, tmp_path)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, log)
-        response = httpx.get(f"http://127.0.0.1:{port}/conversations/1/messages")
+        served = listening_url(process, log)
+        wait_healthy(served, process, log)
+        response = httpx.get(f"{served}/conversations/1/messages")
     finally:
         stop(process)
     assert response.status_code == 200
@@ -2206,7 +2262,7 @@ def test_pooled_connections_the_database_closed_fail_no_request(
 def start_three_workers(database_url: str, workdir: Path) -> str:
     """Start `uvicorn --workers 3` until all three are up (or it exits); return its log."""
     process, log = launch(
-        ["--port", str(free_port()), "--workers", "3"],
+        ["--port", "0", "--workers", "3"],
         {"DATABASE_URL": database_url},
         workdir,
     )
@@ -2232,29 +2288,41 @@ def test_three_workers_start_together_on_an_empty_sqlite_file(tmp_path: Path) ->
         assert "Traceback" not in output, output
 
 
+def workers_with_open(supervisor: subprocess.Popen, path: Path) -> int:
+    """How many of uvicorn's worker processes have the file open."""
+    pid = supervisor.pid
+    workers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    opened = 0
+    for worker in workers:
+        with contextlib.suppress(OSError):  # a process that just ended
+            files = {os.readlink(fd) for fd in Path(f"/proc/{worker}/fd").iterdir()}
+            opened += str(path) in files
+    return opened
+
+
 def test_workers_that_reach_the_migration_of_a_sqlite_file_at_once_all_come_up(
     tmp_path: Path,
 ) -> None:
-    # The test holds the file's write lock until all three workers are starting, so that
-    # they meet at the migration every time rather than one start in a few.
+    # The test holds the file's write lock until all three workers have opened the file, which
+    # each does just before its migration takes that lock: they meet there every time rather
+    # than one start in a few. (Which process has a file open: Linux's /proc.)
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to see which processes have the file open")
     path = tmp_path / "chat.db"
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("PRAGMA journal_mode = WAL")
     holder.execute("BEGIN IMMEDIATE")
     process, log = launch(
-        ["--port", str(free_port()), "--workers", "3"],
+        ["--port", "0", "--workers", "3"],
         {"DATABASE_URL": f"sqlite:///{path}"},
         tmp_path,
     )
     try:
         wait_for(
-            lambda: (
-                log.read_text().count("Waiting for application startup") == 3
-                or process.poll() is not None
-            ),
+            lambda: workers_with_open(process, path) == 3 or process.poll() is not None,
             20,
         )
-        time.sleep(0.5)
+        assert "Application startup complete" not in log.read_text()  # all at the lock
         holder.execute("COMMIT")
         wait_for(
             lambda: (
@@ -2628,11 +2696,6 @@ def conversation_id_in_url(page: Page) -> int:
     return int(page.url.rsplit("/", 1)[1])
 
 
-def words(count: int) -> str:
-    """The fake model's reply of `count` pieces."""
-    return "".join(f"w{i} " for i in range(count))
-
-
 def test_the_page_is_html_at_the_root_with_a_policy_that_runs_only_its_own_script(
     service: httpx.Client,
 ) -> None:
@@ -2644,21 +2707,26 @@ def test_the_page_is_html_at_the_root_with_a_policy_that_runs_only_its_own_scrip
     assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
 
 
+# Every text the last reply shows, as the page changes it: seen on each change, not polled.
+RECORD_THE_REPLYS_RENDERS = """() => {
+    window.renders = [];
+    new MutationObserver(() => {
+        const text = [...document.querySelectorAll(".turn .reply .text")].at(-1)?.textContent;
+        if (text !== undefined && window.renders.at(-1) !== text) window.renders.push(text);
+    }).observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
 def test_a_reply_streams_into_the_page_as_it_arrives(
     open_page: Callable[..., Page], service: httpx.Client
 ) -> None:
     page = open_page()
     start_new_chat(page, "fake:pieces=20:gap_ms=100")
+    page.evaluate(RECORD_THE_REPLYS_RENDERS)
     send_message(page, "Tell me a story")
-    reply = last_reply(page)
-    renders = []
-    deadline = time.monotonic() + 15
-    while (text := reply.text_content()) != words(20):
-        assert time.monotonic() < deadline, f"the reply stopped at {text!r}"
-        if not renders or renders[-1] != text:
-            renders.append(text)
-    partial = [text for text in renders if text]
-    assert len(partial) >= 5, renders  # seen piece by piece, not all at once at the end
+    expect(last_reply(page)).to_have_text(words(20), timeout=15_000)
+    partial = [text for text in page.evaluate("window.renders") if text]
+    assert len(partial) >= 5, partial  # seen piece by piece, not all at once at the end
     assert all(words(20).startswith(text) for text in partial)
     expect(last_status(page)).to_have_text("7 prompt + 20 reply = 27 tokens")
     stored = service.get(f"/conversations/{conversation_id_in_url(page)}/messages")
@@ -3036,6 +3104,13 @@ def test_the_docs_work_offline_with_the_stream_endpoints_listed(
     expect(operation).to_contain_text("403")
 
 
+def resolved(openapi: dict, schema: dict) -> dict:
+    """The schema a $ref points to, as a client's code generator follows it."""
+    while "$ref" in schema:
+        schema = openapi["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
 @pytest.mark.parametrize(
     "method, path, errors",
     [
@@ -3047,50 +3122,43 @@ def test_the_docs_work_offline_with_the_stream_endpoints_listed(
 def test_the_openapi_document_describes_each_stream_its_events_and_its_errors(
     service: httpx.Client, method: str, path: str, errors: set[int]
 ) -> None:
-    operation = service.get("/openapi.json").json()["paths"][path][method]
-    responses = operation["responses"]
+    openapi = service.get("/openapi.json").json()
+    responses = openapi["paths"][path][method]["responses"]
+    # A client generated from the document expects an event stream, not JSON...
     assert set(responses["200"]["content"]) == {"text/event-stream"}
-    stream = responses["200"]["content"]["text/event-stream"]
-    events = {e["title"].split()[0]: e for e in stream["itemSchema"]["oneOf"]}
-    assert set(events) == {"start", "piece", "done", "error"}
-    for name in ("start", "done", "error"):
-        assert events[name]["properties"]["event"] == {"const": name}
-    data = {name: e["properties"]["data"] for name, e in events.items()}
-    assert all(d["contentMediaType"] == "application/json" for d in data.values())
-    assert set(data["start"]["contentSchema"]["required"]) == {
-        "conversation_id",
-        "message_id",
-    }
-    assert data["piece"]["contentSchema"]["required"] == ["content"]
-    assert data["done"]["contentSchema"] == {
-        "$ref": "#/components/schemas/MessagePublic"
-    }
-    assert set(data["error"]["contentSchema"]["required"]) == {"detail", "status_code"}
+    # ...a reader of /docs learns the events' names...
+    named = re.findall(r"\b(start|done|error)\b", responses["200"]["description"])
+    assert set(named) == {"start", "done", "error"}
+    # ...and every error it can get, each {"detail": ...}.
     assert {int(s) for s in responses if s.startswith("4")} == errors
     for status in errors:
-        error = responses[str(status)]["content"]["application/json"]
-        assert error["schema"]["required"] == ["detail"], status
+        error = responses[str(status)]["content"]["application/json"]["schema"]
+        assert resolved(openapi, error)["required"] == ["detail"], status
 
 
 def test_the_openapi_document_lists_the_stop_endpoints_409(
     service: httpx.Client,
 ) -> None:
-    paths = service.get("/openapi.json").json()["paths"]
-    responses = paths["/messages/{message_id}/stop"]["post"]["responses"]
+    openapi = service.get("/openapi.json").json()
+    responses = openapi["paths"]["/messages/{message_id}/stop"]["post"]["responses"]
     assert {"202", "401", "403", "404", "409"} <= set(responses)
-    assert "detail" in str(responses["409"]["content"]["application/json"]["schema"])
+    conflict = responses["409"]["content"]["application/json"]["schema"]
+    assert resolved(openapi, conflict)["required"] == ["detail"]
 
 
 def test_the_openapi_document_shows_what_the_generation_endpoints_read(
     service: httpx.Client,
 ) -> None:
-    paths = service.get("/openapi.json").json()["paths"]
-    get = paths["/text/generate/stream"]["get"]
+    openapi = service.get("/openapi.json").json()
+    get = openapi["paths"]["/text/generate/stream"]["get"]
     query = {p["name"]: p["required"] for p in get["parameters"] if p["in"] == "query"}
     assert query == {"prompt": True, "conversation_id": False}
-    post = paths["/text/generate/stream"]["post"]
-    body = post["requestBody"]["content"]["application/json"]["schema"]
+    post = openapi["paths"]["/text/generate/stream"]["post"]
+    body = resolved(
+        openapi, post["requestBody"]["content"]["application/json"]["schema"]
+    )
     assert set(body["properties"]) == {"prompt", "conversation_id"}
+    assert body["required"] == ["prompt"]
 
 
 # Requests from other sites (plain HTTP, with the headers browsers send)
@@ -3102,7 +3170,7 @@ def test_another_origin_is_refused_on_every_api_endpoint_before_anything_is_stor
     before = service.get("/conversations").json()
     openapi = service.get("/openapi.json").json()
     operations = [op for op in every_operation(openapi) if op[1] != "/health"]
-    assert len(operations) >= 12
+    assert set(operations) == API_OPERATIONS
     for method, path in operations:
         response = service.request(
             method,
@@ -3195,6 +3263,8 @@ def test_a_preflight_from_another_origin_gets_no_allow_headers(
         "/conversations",
         headers={"Origin": STRANGER, "Access-Control-Request-Method": "POST"},
     )
+    # Answered by the CORS rules (Starlette's 400), not by an endpoint or an error.
+    assert (response.status_code, response.text) == (400, "Disallowed CORS origin")
     assert "access-control-allow-origin" not in response.headers
 
 
@@ -3230,7 +3300,7 @@ def test_a_malformed_cors_origins_setting_is_refused_at_start(
     tmp_path: Path, origins: str
 ) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CORS_ORIGINS": origins}
-    process, log = launch(["--port", str(free_port())], env, tmp_path)
+    process, log = launch(["--port", "0"], env, tmp_path)
     assert process.wait(30) != 0
     assert "CORS_ORIGINS" in log.read_text()
 
