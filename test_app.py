@@ -181,10 +181,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def llm_url() -> Iterator[str]:
-    port = free_port()
     config = uvicorn.Config(
         fake_llm,
-        port=port,
+        port=0,  # any free one
         log_level="critical",
         timeout_graceful_shutdown=1,
         # Longer than the app's client keeps an idle connection (5 s): with uvicorn's 5 s the
@@ -196,6 +195,7 @@ def llm_url() -> Iterator[str]:
     thread.start()
     while not server.started:
         time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}/v1"
     server.should_exit = True
     thread.join(5)
@@ -316,14 +316,31 @@ def listening_url(process: subprocess.Popen, log: Path) -> str:
     return url
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
+def stop(*processes: subprocess.Popen) -> None:
+    """SIGTERM them all, then wait for each (kill it after 10 s)."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
         process.terminate()
+    for process in running:
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+RUNNING: set[subprocess.Popen] = set()  # the apps app_starter started, not yet stopped
+
+
+@pytest.fixture(autouse=True)
+def apps_end_with_the_test_that_started_them() -> Iterator[None]:
+    """An app a test starts itself is stopped after it (a module fixture's, with the module):
+    fewer processes and database connections at once, and no test meets another's app."""
+    before = set(RUNNING)
+    yield
+    started = RUNNING - before
+    stop(*started)
+    RUNNING.difference_update(started)
 
 
 @contextmanager
@@ -338,13 +355,14 @@ def app_starter(workdir: Path, llm_url: str) -> Iterator[Callable[..., Server]]:
         # (pytest -n) never race for a port.
         process, log = launch(["--port", "0"], env, workdir)
         started.append(process)
+        RUNNING.add(process)
         url = listening_url(process, log)
         wait_healthy(url, process, log)
         return Server(url, process, log)
 
     yield start
-    for process in started:
-        stop(process)
+    stop(*started)
+    RUNNING.difference_update(started)
 
 
 @pytest.fixture(scope="module")
@@ -890,29 +908,27 @@ def test_migrations_upgrade_check_and_downgrade_from_the_command_line(
         **{k: v for k, v in os.environ.items() if k not in SETTINGS},
         "DATABASE_URL": database.url,
     }
-    for args in (
-        ["upgrade", "head"],
-        ["check"],
-        ["downgrade", "base"],
-        ["upgrade", "head"],
-        ["check"],
-    ):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "alembic",
-                "-c",
-                str(PROJECT / "alembic.ini"),
-                *args,
-            ],
-            check=False,
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
+    commands = [["upgrade", "head"], ["check"], ["downgrade", "base"]]
+    commands += [["upgrade", "head"], ["check"]]
+    # The `alembic` command's own entry point, each command in turn; in one process, for
+    # one start of Python (a second each) instead of five. The first that fails exits 1.
+    ini = str(PROJECT / "alembic.ini")
+    run_them = (
+        "import sys\nfrom alembic.config import main\n"
+        f"for args in {commands!r}:\n"
+        f"    print(*args, file=sys.stderr)\n    main(['-c', {ini!r}, *args])\n"
+        "print('all ran')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", run_them],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "all ran" in result.stdout
 
 
 API_KEY = "s3cret-test-key-7f3a"
@@ -921,6 +937,22 @@ API_KEY = "s3cret-test-key-7f3a"
 @pytest.fixture(scope="module")
 def guarded(start_app: Callable[..., Server]) -> Server:
     return start_app(API_KEY=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def capped(start_app: Callable[..., Server]) -> Server:
+    """The app with every limit and addition to a turn set (one app for their tests)."""
+    return start_app(
+        MAX_TOKENS="20",
+        MAX_PROMPT_CHARS="100",
+        HISTORY_TURNS="2",
+        SYSTEM_PROMPT="Be brief.",  # not for /v1 calls, which bring their own messages
+    )
+
+
+@pytest.fixture(scope="module")
+def one_live_reply(start_app: Callable[..., Server]) -> Server:
+    return start_app(MAX_LIVE_REPLIES="1")
 
 
 def every_operation(openapi: dict) -> Iterator[tuple[str, str]]:
@@ -1186,17 +1218,16 @@ def test_bad_stream_requests_are_422_before_any_byte_and_store_nothing(
 
 
 def test_a_prompt_over_max_prompt_chars_is_422_and_stores_nothing(
-    start_app: Callable[..., Server],
+    capped: Server,
 ) -> None:
-    small = start_app(MAX_PROMPT_CHARS="10")
-    with httpx.Client(base_url=small.url, timeout=10) as client:
+    with httpx.Client(base_url=capped.url, timeout=10) as client:
         newest = client.get("/conversations", params={"take": 1}).json()
-        assert generate(client, prompt="x" * 11)[0].status_code == 422
-        response = client.post("/text/generate/stream", json={"prompt": "x" * 11})
+        assert generate(client, prompt="x" * 101)[0].status_code == 422
+        response = client.post("/text/generate/stream", json={"prompt": "x" * 101})
         assert response.status_code == 422
         assert "MAX_PROMPT_CHARS" in response.text
         assert client.get("/conversations", params={"take": 1}).json() == newest
-        assert generate(client, prompt="x" * 10)[0].status_code == 200
+        assert generate(client, prompt="x" * 100)[0].status_code == 200
 
 
 def test_a_stream_into_an_unknown_conversation_is_404(client: httpx.Client) -> None:
@@ -1264,10 +1295,9 @@ def test_a_reply_cut_at_the_token_limit_is_a_success(client: httpx.Client) -> No
 
 
 def test_history_is_the_system_prompt_then_the_last_successful_turns_then_the_prompt(
-    start_app: Callable[..., Server], llm_requests: list[dict]
+    capped: Server, llm_requests: list[dict]
 ) -> None:
-    app = start_app(HISTORY_TURNS="2", SYSTEM_PROMPT="Be brief.", MAX_TOKENS="5")
-    with httpx.Client(base_url=app.url, timeout=10) as client:
+    with httpx.Client(base_url=capped.url, timeout=10) as client:
         conversation = new_conversation(client, model_type="fake:pieces=1")
         for i, success in enumerate([True, True, False, True, None]):
             add_message(
@@ -1286,7 +1316,7 @@ def test_history_is_the_system_prompt_then_the_last_successful_turns_then_the_pr
         {"role": "assistant", "content": "a3"},
         {"role": "user", "content": "and now?"},
     ]
-    assert llm_requests[-1]["max_tokens"] == 5
+    assert llm_requests[-1]["max_tokens"] == 20
 
 
 def test_a_generated_reply_becomes_history_for_the_next_turn(
@@ -2109,10 +2139,9 @@ def test_replacing_a_live_message_is_409(
 
 
 def test_a_turn_beyond_max_live_replies_is_429_and_stores_nothing(
-    start_app: Callable[..., Server],
+    one_live_reply: Server,
 ) -> None:
-    app = start_app(MAX_LIVE_REPLIES="1")
-    with httpx.Client(base_url=app.url, timeout=10) as client:
+    with httpx.Client(base_url=one_live_reply.url, timeout=10) as client:
         conversation = new_conversation(client, model_type="fake:pieces=50:gap_ms=100")
         params = {"prompt": "busy", "conversation_id": conversation["id"]}
         with client.stream("GET", "/text/generate/stream", params=params) as response:
@@ -3432,21 +3461,27 @@ def seed_a_chat(http: httpx.Client) -> int:
     return chat["id"]
 
 
+@pytest.fixture(scope="module")
+def seeded(start_page_app: Callable[..., Server]) -> tuple[Server, int]:
+    """An app on a new file with seed_a_chat's conversations only; and the chat's id."""
+    server = start_page_app()
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        return server, seed_a_chat(http)
+
+
 @pytest.mark.parametrize(
     "name, width, height", [("desktop", 1280, 800), ("phone", 390, 844)]
 )
 def test_the_page_fits_desktop_and_phone_widths(
     open_page: Callable[..., Page],
-    start_page_app: Callable[..., Server],
+    seeded: tuple[Server, int],
     tmp_path: Path,
     name: str,
     width: int,
     height: int,
 ) -> None:
     """UPDATE_SCREENSHOTS=1 saves the pictures as static/screenshot*.png for the README."""
-    server = start_page_app()
-    with httpx.Client(base_url=server.url, timeout=10) as http:
-        chat = seed_a_chat(http)
+    server, chat = seeded
     page = open_page(f"/#/c/{chat}", server=server, width=width, height=height)
     expect(page.locator(".turn")).to_have_count(3)
     expect(page.locator(".turn .status")).to_have_text(
@@ -3507,11 +3542,6 @@ def openai_client(server: Server, api_key: str = "any") -> openai.OpenAI:
 def sdk(server: Server) -> Iterator[openai.OpenAI]:
     with openai_client(server) as sdk:
         yield sdk
-
-
-@pytest.fixture(scope="module")
-def capped(start_app: Callable[..., Server]) -> Server:
-    return start_app(MAX_TOKENS="20", SYSTEM_PROMPT="Not for /v1 calls.")
 
 
 def unique(text: str) -> str:
@@ -3814,10 +3844,12 @@ def test_v1_with_the_sdks_retries_on_a_failed_call_stores_one_turn(
 
 
 def test_v1_a_call_beyond_max_live_replies_is_a_retryable_429(
-    start_app: Callable[..., Server],
+    one_live_reply: Server,
 ) -> None:
-    app = start_app(MAX_LIVE_REPLIES="1")
-    with openai_client(app) as sdk, httpx.Client(base_url=app.url) as client:
+    with (
+        openai_client(one_live_reply) as sdk,
+        httpx.Client(base_url=one_live_reply.url) as client,
+    ):
         raw = sdk.chat.completions.with_raw_response.create(
             model="fake:pieces=50:gap_ms=100", messages=[user("busy")], stream=True
         )
