@@ -5,6 +5,10 @@ Every test talks HTTP to the app running in a real uvicorn, on SQLite and on Pos
 other than `echo` are served by `fake_llm` below, a small OpenAI-compatible server the tests
 run themselves; its model name scripts the reply, e.g. `fake:pieces=5:gap_ms=100`.
 The chat page's tests, at the end, drive headless Chromium, on SQLite only.
+
+`pytest -n 4` runs four at a time: every test makes its own conversations, so tests share an
+app (one per module and settings) but never their data; an app a test starts itself is stopped
+after it.
 """
 
 import asyncio
@@ -2700,7 +2704,9 @@ FRIEND = (
 STRANGER = "http://evil.example"  # any other site
 
 
-@pytest.fixture(scope="module")
+# One value, for its id: the browser's tests are named test_...[page], so `-k page` picks them
+# and `-k "not page"` leaves them out.
+@pytest.fixture(scope="module", params=["page"])
 def chromium() -> Iterator[Browser]:
     if CHROMIUM is None:
         if os.environ.get("CI"):
