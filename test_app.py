@@ -3093,6 +3093,15 @@ def test_the_openapi_document_shows_what_the_generation_endpoints_read(
     assert set(body["properties"]) == {"prompt", "conversation_id"}
 
 
+def test_every_operation_id_in_the_openapi_document_is_unique(
+    service: httpx.Client,
+) -> None:
+    paths = service.get("/openapi.json").json()["paths"]
+    ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
+    assert len(ids) >= 12
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
 # Requests from other sites (plain HTTP, with the headers browsers send)
 
 
