@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
     cors_origins: str = ""  # comma-separated; see "Browsers" below
+    allowed_hosts: str = ""  # comma-separated; see "Browsers" below
+    max_body_bytes: int = Field(default=16_000_000, ge=1)
     checkpoint_ms: int = Field(default=500, ge=10)
     dead_turn_seconds: float = Field(default=30, ge=3)
     max_live_replies: int = Field(default=100, ge=1)
@@ -437,6 +439,54 @@ def error_for(
 @app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     return error_for(request.url.path, error.status_code, error.detail, error.headers)
+
+
+BODY_LIMITS: dict[str, int] = {}  # a path's own limit instead of MAX_BODY_BYTES
+
+
+class LimitBodies:
+    """413 for a body over the limit, counted as it arrives: none is read whole. Pure ASGI."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = BODY_LIMITS.get(scope["path"], settings.max_body_bytes)
+        too_large = error_for(
+            scope["path"],
+            413,
+            f"The request body is over {limit:,} bytes (MAX_BODY_BYTES)",
+        )
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await too_large(scope, receive, send)
+        received, started, refused = 0, False, False
+
+        async def receive_within_limit() -> dict:
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received <= limit:
+                return message
+            if not started and not refused:
+                refused = True
+                await too_large(scope, receive, send)
+            return {
+                "type": "http.disconnect"
+            }  # the app stops reading; its answer is dropped
+
+        async def send_unless_refused(message: dict) -> None:
+            nonlocal started
+            started = True
+            if not refused:
+                await send(message)
+
+        await self.app(scope, receive_within_limit, send_unless_refused)
+
+
+app.add_middleware(LimitBodies)  # inside CORS and the guards: added before them
 
 
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:

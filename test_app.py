@@ -10,6 +10,7 @@ The chat page's tests, at the end, drive headless Chromium, on SQLite only.
 import asyncio
 import configparser
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -65,6 +66,8 @@ SETTINGS = [
     "DEAD_TURN_SECONDS",
     "MAX_LIVE_REPLIES",
     "CORS_ORIGINS",
+    "ALLOWED_HOSTS",
+    "MAX_BODY_BYTES",
 ]
 
 
@@ -1658,6 +1661,62 @@ def test_head_health_answers_like_get(client: httpx.Client) -> None:
     response = client.head("/health")
     assert response.status_code == 200
     assert response.content == b""
+
+
+BODY_LIMIT = 100_000  # MAX_BODY_BYTES of small_bodies
+# A valid body of each endpoint, opened: whitespace up to any size, then "}" closes it.
+OPENED_BODIES = {
+    "/conversations": b'{"title": "big"',
+    "/text/generate/stream": b'{"prompt": "big"',
+    "/v1/chat/completions": b'{"model": "echo", "messages": [{"role": "user", "content": "big"}]',
+}
+
+
+@pytest.fixture(scope="module")
+def small_bodies(start_app: Callable[..., Server]) -> Server:
+    return start_app(MAX_BODY_BYTES=str(BODY_LIMIT))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("path", list(OPENED_BODIES))
+def test_a_body_over_max_body_bytes_is_413_before_it_is_read_whole(
+    small_bodies: Server, path: str, chunked: bool
+) -> None:
+    before = httpx.get(f"{small_bodies.url}/conversations").json()
+    url = httpx.URL(small_bodies.url)
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        # Declares a terabyte, or streams past the limit; either way never ends the body.
+        framing = (
+            b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % 10**12
+        )
+        head = b"POST %s HTTP/1.1\r\nHost: %s\r\n%s\r\nContent-Type: application/json\r\n\r\n"
+        sock.sendall(head % (path.encode(), url.netloc, framing))
+        body = OPENED_BODIES[path] + b" " * BODY_LIMIT
+        sock.sendall(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        refused = json.loads(response.read())
+    assert response.status == 413
+    if path.startswith("/v1/"):
+        assert "MAX_BODY_BYTES" in refused["error"]["message"]
+    else:
+        assert "MAX_BODY_BYTES" in refused["detail"]
+    assert httpx.get(f"{small_bodies.url}/conversations").json() == before
+    assert "Traceback" not in small_bodies.output()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_of_max_body_bytes_is_read(small_bodies: Server, chunked: bool) -> None:
+    opened = OPENED_BODIES["/conversations"]
+    body = opened + b" " * (BODY_LIMIT - len(opened) - 1) + b"}"
+    assert len(body) == BODY_LIMIT
+    content = iter([body[:1000], body[1000:]]) if chunked else body
+    headers = {"Content-Type": "application/json"}
+    response = httpx.post(
+        f"{small_bodies.url}/conversations", content=content, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["title"] == "big"
 
 
 def run_sql(database: Database, statement: str) -> None:
