@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from html import escape as html_escape
+from ipaddress import ip_address
 from pathlib import Path as FilePath
 from select import select as readable  # the socket kind; queries use sqlmodel's select
 from typing import Annotated, Any, Literal
@@ -1903,7 +1904,8 @@ async def health(session: SessionDep) -> dict[str, str]:
 # Browsers --------------------------------------------------------------------------------
 # The chat page at /, CORS for the origins in CORS_ORIGINS, and a guard: a request that a
 # browser marks as coming from another site is refused before it reaches an endpoint, so a page
-# the user happens to visit cannot start generations or change data on their local service.
+# the user happens to visit cannot start generations or change data on their local service,
+# nor through its own name pointed at this machine (a Host that is not ours: ALLOWED_HOSTS).
 
 PAGE = FilePath(__file__).with_name("static") / "index.html"
 
@@ -2002,23 +2004,43 @@ def refusal(path: str) -> JSONResponse:
     return error_for(path, 403, message)
 
 
+allowed_hosts = {h.strip().lower() for h in settings.allowed_hosts.split(",")} - {""}
+
+
+def allowed_host(host: str) -> bool:
+    """An IP address (a page cannot make a browser send one for its own name), localhost or
+    one of ALLOWED_HOSTS: a page whose name is re-pointed at us (DNS rebinding) sends its own."""
+    if "*" in allowed_hosts:
+        return True
+    try:
+        name = urlsplit(f"//{host}").hostname or ""  # lowercase, no port, no [brackets]
+        return name in allowed_hosts | {"localhost"} or bool(ip_address(name))
+    except ValueError:  # not an IP address, or not a host at all
+        return False
+
+
 class RefuseOtherSites:
-    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched."""
+    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched. Not Starlette's
+    TrustedHostMiddleware for hosts: it cannot let any IP address in, and answers in plain text."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if (
-            scope["type"] == "http"
-            and path not in OPEN_PATHS
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+        elif not allowed_host(host := Headers(scope=scope).get("host", "")):
+            message = f"Refused: Host {host!r} is not an IP address, localhost or in ALLOWED_HOSTS"
+            await error_for(path, 400, message)(scope, receive, send)
+        elif (
+            path not in OPEN_PATHS
             and not path.startswith(OPEN_PREFIXES)
             and from_another_site(scope)
         ):
             await refusal(path)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 app.add_middleware(RefuseOtherSites)

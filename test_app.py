@@ -3291,6 +3291,76 @@ def test_under_v1_the_refusal_has_openais_error_shape(service: httpx.Client) -> 
     assert "CORS_ORIGINS" in error["message"]
 
 
+REBOUND = (
+    "rebind.attacker.example"  # a page's name that its owner re-points at 127.0.0.1
+)
+
+
+def as_host(client: httpx.Client, method: str, path: str, host: str) -> httpx.Response:
+    """A request as a browser on http://<host> sends it: that Host, and that Origin."""
+    port = client.base_url.port
+    headers = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+    body = {"title": "x", "prompt": "hi", "model": "echo"}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    return client.request(method, path, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/conversations"),
+        ("POST", "/conversations"),
+        ("POST", "/text/generate/stream"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/"),
+        ("GET", "/health"),
+    ],
+)
+def test_a_host_name_not_in_allowed_hosts_is_refused_before_anything_runs(
+    service: httpx.Client, method: str, path: str
+) -> None:
+    before = service.get("/conversations").json()
+    response = as_host(service, method, path, REBOUND)
+    assert response.status_code == 400
+    refused = response.json()
+    if path.startswith("/v1/"):
+        assert "ALLOWED_HOSTS" in refused["error"]["message"]
+    else:
+        assert "ALLOWED_HOSTS" in refused["detail"]
+    assert service.get("/conversations").json() == before
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "192.168.1.20", "[::1]", "[fe80::1]", "localhost", "LocalHost"],
+)
+def test_ip_addresses_and_localhost_are_always_allowed_hosts(
+    service: httpx.Client, host: str
+) -> None:
+    assert as_host(service, "POST", "/conversations", host).status_code == 201
+    assert as_host(service, "GET", "/", host).status_code == 200
+
+
+def test_allowed_hosts_lets_those_names_in_whatever_their_case_and_port(
+    start_page_app: Callable[..., Server],
+) -> None:
+    app = start_page_app(ALLOWED_HOSTS="chat.example.com, Other.Example")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        for host in ("CHAT.example.com", "other.example"):
+            assert as_host(client, "POST", "/conversations", host).status_code == 201
+        assert as_host(client, "GET", "/health", REBOUND).status_code == 400
+        assert as_host(client, "GET", "/health", "example.com").status_code == 400
+
+
+def test_allowed_hosts_star_lets_any_host_in(
+    start_page_app: Callable[..., Server],
+) -> None:
+    app = start_page_app(ALLOWED_HOSTS="*")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        assert as_host(client, "POST", "/conversations", REBOUND).status_code == 201
+        assert as_host(client, "GET", "/", REBOUND).status_code == 200
+
+
 @pytest.mark.parametrize(
     "origins", ["localhost:5173", "http://localhost:5173/app", "*"]
 )
