@@ -324,9 +324,13 @@ def one_line(text: str, width: int) -> str:
     return head.rstrip() + "..."
 
 
+# The title of a conversation that has none yet (the page's new chats): its next turn titles it.
+UNTITLED = "New conversation"
+
+
 def short_title(text: str) -> str:
     """At most 60 characters; the prompt's own words serve until the LLM's title is in."""
-    return one_line(text, 60).strip("\"'` ") or "New conversation"
+    return one_line(text, 60).strip("\"'` ") or UNTITLED
 
 
 def upstream_error(error: openai.APIStatusError) -> str:
@@ -939,19 +943,20 @@ async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveRep
     prompt_within_limit(request.prompt, ("prompt",))
     refuse_when_busy()
     if request.conversation_id is None:
-        model = settings.default_model
-        conversation = Conversation(title=short_title(request.prompt), model_type=model)
+        conversation = Conversation(title=UNTITLED, model_type=settings.default_model)
         history = []
     else:
         conversation = await find_conversation(request.conversation_id, session)
         history = await recent_successful_turns(session, conversation.id)
+    untitled = conversation.title == UNTITLED
+    if untitled:  # the prompt's first words, until the model's title is in
+        conversation.title = short_title(request.prompt)
     message = Message(prompt_content=request.prompt, response_content="", live=True)
     messages = chat_messages(request.prompt, history)
     reply = await start_reply(session, conversation, message, messages)
-    if request.conversation_id is None and conversation.model_type != ECHO:
-        in_background(
-            write_title(conversation.id, conversation.title, model, request.prompt)
-        )
+    if untitled and conversation.model_type != ECHO:
+        title = conversation.title, conversation.model_type, request.prompt
+        in_background(write_title(conversation.id, *title))
     return reply
 
 

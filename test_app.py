@@ -1275,6 +1275,22 @@ def test_a_new_conversation_gets_the_llms_title_after_a_placeholder(
     }
 
 
+def test_an_untitled_conversation_is_titled_by_its_next_turn_and_a_named_one_is_not(
+    client: httpx.Client, llm_requests: list[dict]
+) -> None:
+    untitled = new_conversation(
+        client, title="New conversation", model_type="fake:pieces=2"
+    )
+    named = new_conversation(client, title="Lisbon", model_type="fake:pieces=2")
+    generate(client, prompt="Plan a weekend", conversation_id=untitled["id"])
+    generate(client, prompt="Plan a weekend", conversation_id=named["id"])
+    url = f"/conversations/{untitled['id']}"
+    wait_for(lambda: client.get(url).json()["title"] == "w0 w1")
+    assert client.get(f"/conversations/{named['id']}").json()["title"] == "Lisbon"
+    title_calls = [r for r in llm_requests if not r.get("stream")]
+    assert [r["messages"][-1]["content"] for r in title_calls] == ["Plan a weekend"]
+
+
 def test_a_failed_title_call_keeps_the_placeholder_and_the_reply(
     start_app: Callable[..., Server], llm_requests: list[dict]
 ) -> None:
@@ -2667,19 +2683,25 @@ def test_a_reply_streams_into_the_page_as_it_arrives(
     ]
 
 
-def test_a_new_chat_uses_the_model_chosen_and_is_titled_from_the_prompt(
+def test_a_new_chat_uses_the_model_chosen_and_gets_the_models_title(
     open_page: Callable[..., Page], service: httpx.Client
 ) -> None:
     page = open_page()
     expect(page.get_by_label("Model")).to_have_value("echo")  # DEFAULT_MODEL
-    start_new_chat(page, "fake:pieces=2")
+    start_new_chat(page, "fake:pieces=2:first_ms=300")
     send_message(page, "Plan a weekend in Lisbon")
+    expect(page.locator("#title")).to_have_text("Plan a weekend in Lisbon")
     expect(last_reply(page)).to_have_text(words(2))
     conversation = service.get(f"/conversations/{conversation_id_in_url(page)}").json()
-    assert conversation["model_type"] == "fake:pieces=2"
-    assert conversation["title"] == "Plan a weekend in Lisbon"
-    expect(page.locator("#title")).to_have_text("Plan a weekend in Lisbon")
-    expect(page.get_by_role("link", name="Plan a weekend in Lisbon")).to_be_visible()
+    assert conversation["model_type"] == "fake:pieces=2:first_ms=300"
+    # The model's title, written beside the reply (the fake titles with its reply).
+    wait_for(
+        lambda: service.get(f"/conversations/{conversation['id']}").json()["title"]
+        == words(2).strip()
+    )
+    page.reload()
+    expect(page.locator("#title")).to_have_text(words(2).strip())
+    expect(page.get_by_role("link", name=words(2).strip())).to_be_visible()
 
 
 def test_enter_sends_and_shift_enter_starts_a_new_line(
