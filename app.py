@@ -450,7 +450,8 @@ BODY_LIMITS: dict[str, int] = {}  # a path's own limit instead of MAX_BODY_BYTES
 
 
 class LimitBodies:
-    """413 for a body over the limit, counted as it arrives: none is read whole. Pure ASGI."""
+    """413 for a body over the limit, before the app runs: a larger one is never read whole.
+    The app then reads the body as it came. Pure ASGI."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -459,36 +460,24 @@ class LimitBodies:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = BODY_LIMITS.get(scope["path"], settings.max_body_bytes)
-        too_large = error_for(
-            scope["path"],
-            413,
-            f"The request body is over {limit:,} bytes (MAX_BODY_BYTES)",
-        )
+        message = f"The request body is over {limit:,} bytes (MAX_BODY_BYTES)"
+        too_large = error_for(scope["path"], 413, message)
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > limit:
             return await too_large(scope, receive, send)
-        received, started, refused = 0, False, False
+        messages, received = [], 0
+        while not messages or messages[-1].get("more_body"):
+            messages.append(part := await receive())
+            received += len(part.get("body", b""))
+            if part["type"] == "http.disconnect":
+                return  # the client left
+            if received > limit:  # sent without a Content-Length (chunked)
+                return await too_large(scope, receive, send)
 
-        async def receive_within_limit() -> dict:
-            nonlocal received, refused
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received <= limit:
-                return message
-            if not started and not refused:
-                refused = True
-                await too_large(scope, receive, send)
-            return {
-                "type": "http.disconnect"
-            }  # the app stops reading; its answer is dropped
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
 
-        async def send_unless_refused(message: dict) -> None:
-            nonlocal started
-            started = True
-            if not refused:
-                await send(message)
-
-        await self.app(scope, receive_within_limit, send_unless_refused)
+        await self.app(scope, replay, send)
 
 
 app.add_middleware(LimitBodies)  # inside CORS and the guards: added before them

@@ -1682,9 +1682,10 @@ def test_head_health_answers_like_get(client: httpx.Client) -> None:
 BODY_LIMIT = 100_000  # MAX_BODY_BYTES of small_bodies
 # A valid body of each endpoint, opened: whitespace up to any size, then "}" closes it.
 OPENED_BODIES = {
-    "/conversations": b'{"title": "big"',
-    "/text/generate/stream": b'{"prompt": "big"',
-    "/v1/chat/completions": b'{"model": "echo", "messages": [{"role": "user", "content": "big"}]',
+    "POST /conversations": b'{"title": "big"',
+    "POST /text/generate/stream": b'{"prompt": "big"',
+    "GET /text/generate/stream?prompt=big": b"",  # a body it does not read
+    "POST /v1/chat/completions": b'{"model": "echo", "messages": [{"role": "user", "content": "big"}]',
 }
 
 
@@ -1694,9 +1695,9 @@ def small_bodies(start_app: Callable[..., Server]) -> Server:
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-@pytest.mark.parametrize("path", list(OPENED_BODIES))
+@pytest.mark.parametrize("request_line", list(OPENED_BODIES))
 def test_a_body_over_max_body_bytes_is_413_before_it_is_read_whole(
-    small_bodies: Server, path: str, chunked: bool
+    small_bodies: Server, request_line: str, chunked: bool
 ) -> None:
     before = httpx.get(f"{small_bodies.url}/conversations").json()
     url = httpx.URL(small_bodies.url)
@@ -1705,15 +1706,17 @@ def test_a_body_over_max_body_bytes_is_413_before_it_is_read_whole(
         framing = (
             b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % 10**12
         )
-        head = b"POST %s HTTP/1.1\r\nHost: %s\r\n%s\r\nContent-Type: application/json\r\n\r\n"
-        sock.sendall(head % (path.encode(), url.netloc, framing))
-        body = OPENED_BODIES[path] + b" " * BODY_LIMIT
+        head = (
+            b"%s HTTP/1.1\r\nHost: %s\r\n%s\r\nContent-Type: application/json\r\n\r\n"
+        )
+        sock.sendall(head % (request_line.encode(), url.netloc, framing))
+        body = OPENED_BODIES[request_line] + b" " * (BODY_LIMIT + 1)
         sock.sendall(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
         response = http.client.HTTPResponse(sock)
         response.begin()
         refused = json.loads(response.read())
     assert response.status == 413
-    if path.startswith("/v1/"):
+    if "/v1/" in request_line:
         assert "MAX_BODY_BYTES" in refused["error"]["message"]
     else:
         assert "MAX_BODY_BYTES" in refused["detail"]
@@ -1723,7 +1726,7 @@ def test_a_body_over_max_body_bytes_is_413_before_it_is_read_whole(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_a_body_of_max_body_bytes_is_read(small_bodies: Server, chunked: bool) -> None:
-    opened = OPENED_BODIES["/conversations"]
+    opened = OPENED_BODIES["POST /conversations"]
     body = opened + b" " * (BODY_LIMIT - len(opened) - 1) + b"}"
     assert len(body) == BODY_LIMIT
     content = iter([body[:1000], body[1000:]]) if chunked else body
