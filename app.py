@@ -760,21 +760,21 @@ async def run_reply(
 
 
 def database_clock() -> Any:
-    """Now, for heartbeats: by the database server's clock, since app hosts' clocks may differ."""
+    """Now, for a live row: by the database server's clock, since app hosts' clocks may differ."""
     return utc_now() if is_sqlite else func.now()  # a SQLite file has one host
 
 
 async def checkpoint(reply: LiveReply) -> None:
     """Write the text so far to the row when it changed, and a heartbeat; see stops and deletions."""
-    # The first tick writes too: from then on the row is stamped by the database's clock.
-    stored_length, stored_at = 0, float("-inf")
+    heartbeat = settings.dead_turn_seconds / 3
+    tick = min(settings.checkpoint_ms / 1000, heartbeat)  # whatever CHECKPOINT_MS is
+    stored_length, stored_at = 0, time.monotonic()  # the prompt's insert wrote the row
     live_row = (col(Message.id) == reply.message_id) & col(Message.live)
     while True:
-        await asyncio.sleep(settings.checkpoint_ms / 1000)
+        await asyncio.sleep(tick)
         length = reply.length
-        write = length != stored_length or (
-            time.monotonic() - stored_at > settings.dead_turn_seconds / 3
-        )
+        # The heartbeat is due before the next tick.
+        write = length != stored_length or time.monotonic() + tick - stored_at >= heartbeat
         if write:
             query = (
                 update(Message)
@@ -972,6 +972,7 @@ async def start_reply(
         opening = asyncio.create_task(
             open_llm_reply(conversation.model_type, messages, sampling)
         )
+    message.updated_at = database_clock()  # what the dead-turn sweep reads, from the start
     try:
         await store_prompt(session, conversation, message)
     except BaseException:
