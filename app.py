@@ -738,6 +738,9 @@ class LiveReply:
 
 
 live_replies: dict[int, LiveReply] = {}  # this process's replies, by message id
+# MAX_LIVE_REPLIES places: a turn takes one (counts and takes it, with no await between) before
+# its prompt is stored, and gives it back once its end is stored.
+reply_places = threading.BoundedSemaphore(settings.max_live_replies)
 
 
 async def run_reply(
@@ -755,6 +758,7 @@ async def run_reply(
         outcome = reply.ended_by or (503, "The server is shutting down")
     reply.status_code, reply.detail, reply.message = await store_end(reply, *outcome)
     del live_replies[reply.message_id]
+    reply_places.release()
     reply.stored.set()
     reply.wake_followers()
 
@@ -927,8 +931,8 @@ def validated(model: type[SQLModel], data: object) -> Any:
         raise RequestValidationError(error.errors()) from None
 
 
-def refuse_when_busy() -> None:
-    if len(live_replies) >= settings.max_live_replies:
+def take_a_reply_place() -> None:
+    if not reply_places.acquire(blocking=False):
         raise HTTPException(
             429,
             "Too many replies are being generated (MAX_LIVE_REPLIES)",
@@ -938,7 +942,6 @@ def refuse_when_busy() -> None:
 
 async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
     """A turn of /text/generate/stream: the model gets SYSTEM_PROMPT, history and the prompt."""
-    refuse_when_busy()
     if request.conversation_id is None:
         model = settings.default_model
         conversation = Conversation(title=short_title(request.prompt), model_type=model)
@@ -966,6 +969,7 @@ async def start_reply(
 ) -> LiveReply:
     """Store the prompt (with whatever else the session holds) and start the reply to
     `messages`, which runs on its own from then on."""
+    take_a_reply_place()
     opening = None
     if conversation.model_type != ECHO:
         # Ask the model now and store the prompt meanwhile: the database adds no wait.
@@ -976,6 +980,7 @@ async def start_reply(
     try:
         await store_prompt(session, conversation, message)
     except BaseException:
+        reply_places.release()
         if opening:
             opening.cancel()
         raise
@@ -1694,7 +1699,6 @@ async def start_call(
 ) -> LiveReply:
     """Store a /v1 call as a turn of the conversation it continues, or of a new one, and
     start its reply."""
-    refuse_when_busy()
     messages = [(message.role, message.content) for message in call.messages]
     earlier = thread_key(messages[:-1])
     if conversation_id is not None:
