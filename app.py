@@ -777,8 +777,9 @@ async def checkpoint(reply: LiveReply) -> None:
     while True:
         await asyncio.sleep(tick)
         length = reply.length
-        # The heartbeat is due before the next tick.
-        write = length != stored_length or time.monotonic() + tick - stored_at >= heartbeat
+        # A heartbeat when the next tick would come too late for one.
+        late = time.monotonic() + tick - stored_at >= heartbeat
+        write = length != stored_length or late
         if write:
             query = (
                 update(Message)
@@ -976,7 +977,8 @@ async def start_reply(
         opening = asyncio.create_task(
             open_llm_reply(conversation.model_type, messages, sampling)
         )
-    message.updated_at = database_clock()  # what the dead-turn sweep reads, from the start
+    # What the dead-turn sweep reads, by the database's clock from the first insert on.
+    message.updated_at = database_clock()
     try:
         await store_prompt(session, conversation, message)
     except BaseException:
@@ -1131,7 +1133,10 @@ def resumed_from(last_event_id: str | None) -> tuple[int, int | None] | None:
     if not found:
         return None
     message_id, offset = found.groups()
-    return int(message_id), None if offset == "end" else int(offset)
+    if offset == "end":
+        return int(message_id), None
+    # Past the longest text a message holds, as past any text, there is nothing to send.
+    return int(message_id), min(int(offset), MAX_TEXT_CHARS)
 
 
 # What the streams send, for the OpenAPI document (/docs) ----------------------------------

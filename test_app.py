@@ -1939,7 +1939,9 @@ def row_locked(database: Database, message_id: int) -> Iterator[None]:
         connection.execute("BEGIN IMMEDIATE")
     else:
         connection = psycopg.connect(database.url)
-        connection.execute("SELECT 1 FROM messages WHERE id = %s FOR UPDATE", [message_id])
+        connection.execute(
+            "SELECT 1 FROM messages WHERE id = %s FOR UPDATE", [message_id]
+        )
     try:
         yield
     finally:
