@@ -857,10 +857,8 @@ async def store_end(
 
 
 async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
-    """Ask the process running a reply to stop it, through its row, and wait until it has."""
+    """Wait until the process running a reply, asked through its row, has stopped it."""
     live_row = (col(Message.id) == message_id) & col(Message.live)
-    await session.exec(update(Message).where(live_row).values(status_code=STOPPED))
-    await session.commit()
     deadline = time.monotonic() + settings.checkpoint_ms / 1000 + 2
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
@@ -1359,16 +1357,21 @@ async def follow_stream(
     responses=documented(401, 403, 404, 409),
 )
 async def stop_reply(message: MessageDep, session: SessionDep) -> MessagePublic:
-    if not message.live:
-        raise HTTPException(409, "The turn has already ended")
-    await session.commit()  # hold no connection while waiting: the reply needs one
-    if reply := live_replies.get(message.id):
-        reply.end(STOPPED, "Stopped")
-        await reply.stored.wait()
-    else:
-        await stop_elsewhere(message.id, session)
-    await session.refresh(message)
-    return message
+    # The stop is this call's if it is the first to mark the live row; it is too late if the
+    # reply ends by itself meanwhile (its end is stored as it ended).
+    live_row = (col(Message.id) == message.id) & col(Message.live)
+    ask = update(Message).where(live_row, col(Message.status_code).is_(None))
+    if (await session.exec(ask.values(status_code=STOPPED))).rowcount:
+        await session.commit()  # hold no connection while waiting: the reply needs one
+        if reply := live_replies.get(message.id):
+            reply.end(STOPPED, "Stopped")
+            await reply.stored.wait()
+        else:
+            await stop_elsewhere(message.id, session)
+        await session.refresh(message)
+        if not message.live and message.status_code == STOPPED:
+            return message
+    raise HTTPException(409, "The turn has already ended")
 
 
 # Following a reply -------------------------------------------------------------------------
