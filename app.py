@@ -675,6 +675,10 @@ async def delete_message(message: MessageDep, session: SessionDep) -> None:
 STOPPED = 499
 RETRY_MS = 1000  # how soon a browser's EventSource reconnects
 PING_SECONDS = 15  # a comment line that keeps idle connections open through proxies
+HEARTBEAT_SECONDS = settings.dead_turn_seconds / 3
+# How often a reply looks at its row (and writes it, when due): whatever CHECKPOINT_MS is, often
+# enough for its heartbeat.
+TICK_SECONDS = min(settings.checkpoint_ms / 1000, HEARTBEAT_SECONDS)
 background_tasks: set[asyncio.Task] = set()
 
 
@@ -770,15 +774,13 @@ def database_clock() -> Any:
 
 async def checkpoint(reply: LiveReply) -> None:
     """Write the text so far to the row when it changed, and a heartbeat; see stops and deletions."""
-    heartbeat = settings.dead_turn_seconds / 3
-    tick = min(settings.checkpoint_ms / 1000, heartbeat)  # whatever CHECKPOINT_MS is
     stored_length, stored_at = 0, time.monotonic()  # the prompt's insert wrote the row
     live_row = (col(Message.id) == reply.message_id) & col(Message.live)
     while True:
-        await asyncio.sleep(tick)
+        await asyncio.sleep(TICK_SECONDS)
         length = reply.length
         # A heartbeat when the next tick would come too late for one.
-        late = time.monotonic() + tick - stored_at >= heartbeat
+        late = time.monotonic() + TICK_SECONDS - stored_at >= HEARTBEAT_SECONDS
         write = length != stored_length or late
         if write:
             query = (
@@ -859,7 +861,7 @@ async def store_end(
 async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
     """Wait until the process running a reply, asked through its row, has stopped it."""
     live_row = (col(Message.id) == message_id) & col(Message.live)
-    deadline = time.monotonic() + settings.checkpoint_ms / 1000 + 2
+    deadline = time.monotonic() + TICK_SECONDS + 2
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
         if not (await session.exec(select(Message.live).where(live_row))).first():
