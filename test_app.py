@@ -2245,7 +2245,7 @@ def test_live_replies_of_a_host_whose_clock_is_behind_the_databases_are_not_ende
         created = datetime.fromisoformat(conversation["created_at"])
         assert datetime.now(UTC) - created > timedelta(seconds=50)  # the app's clock
 
-        # Ten turns 0.2 s apart: the sweep (every 1.5 s) runs within the first second of some.
+        # Ten turns 0.2 s apart: a sweep (every 1.5 s) comes before the first checkpoint of some.
         def turn(delay: float) -> list[tuple[str, dict]]:
             time.sleep(delay)
             params = {"prompt": "on time", "conversation_id": conversation["id"]}
@@ -2254,6 +2254,7 @@ def test_live_replies_of_a_host_whose_clock_is_behind_the_databases_are_not_ende
         with ThreadPoolExecutor(10) as pool:
             ended = list(pool.map(turn, [i * 0.2 for i in range(10)]))
         stored = client.get(f"/conversations/{conversation['id']}/messages").json()
+    stop(app.process)  # before its database goes
     assert [events[-1][0] for events in ended] == ["done"] * 10
     whole = "".join(f"w{i} " for i in range(6))
     assert [(m["status_code"], m["response_content"]) for m in stored] == [
