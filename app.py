@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from html import escape as html_escape
+from ipaddress import ip_address
 from pathlib import Path as FilePath
 from select import select as readable  # the socket kind; queries use sqlmodel's select
 from typing import Annotated, Any
@@ -114,6 +115,8 @@ class Settings(BaseSettings):
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
     cors_origins: str = ""  # comma-separated; see "Browsers" below
+    allowed_hosts: str = ""  # comma-separated; see "Browsers" below
+    max_body_bytes: int = Field(default=16_000_000, ge=1)
     checkpoint_ms: int = Field(default=500, ge=10)
     dead_turn_seconds: float = Field(default=30, ge=3)
     max_live_replies: int = Field(default=100, ge=1)
@@ -441,6 +444,43 @@ def error_for(
 @app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     return error_for(request.url.path, error.status_code, error.detail, error.headers)
+
+
+BODY_LIMITS: dict[str, int] = {}  # a path's own limit instead of MAX_BODY_BYTES
+
+
+class LimitBodies:
+    """413 for a body over the limit, before the app runs: a larger one is never read whole.
+    The app then reads the body as it came. Pure ASGI."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = BODY_LIMITS.get(scope["path"], settings.max_body_bytes)
+        message = f"The request body is over {limit:,} bytes (MAX_BODY_BYTES)"
+        too_large = error_for(scope["path"], 413, message)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await too_large(scope, receive, send)
+        messages, received = [], 0
+        while not messages or messages[-1].get("more_body"):
+            messages.append(part := await receive())
+            received += len(part.get("body", b""))
+            if part["type"] == "http.disconnect":
+                return  # the client left
+            if received > limit:  # sent without a Content-Length (chunked)
+                return await too_large(scope, receive, send)
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+app.add_middleware(LimitBodies)  # inside CORS and the guards: added before them
 
 
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
@@ -1647,7 +1687,8 @@ async def list_models() -> dict:
 app.include_router(api)
 
 
-@app.api_route("/health", methods=["GET", "HEAD"])
+@app.get("/health")
+@app.head("/health")  # a route of its own: operationIds are unique
 async def health(session: SessionDep) -> dict[str, str]:
     await session.exec(select(1))
     return {"status": "ok"}
@@ -1656,7 +1697,8 @@ async def health(session: SessionDep) -> dict[str, str]:
 # Browsers --------------------------------------------------------------------------------
 # The chat page at /, CORS for the origins in CORS_ORIGINS, and a guard: a request that a
 # browser marks as coming from another site is refused before it reaches an endpoint, so a page
-# the user happens to visit cannot start generations or change data on their local service.
+# the user happens to visit cannot start generations or change data on their local service,
+# nor through its own name pointed at this machine (a Host that is not ours: ALLOWED_HOSTS).
 
 PAGE = FilePath(__file__).with_name("static") / "index.html"
 
@@ -1755,23 +1797,43 @@ def refusal(path: str) -> JSONResponse:
     return error_for(path, 403, message)
 
 
+allowed_hosts = {h.strip().lower() for h in settings.allowed_hosts.split(",")} - {""}
+
+
+def allowed_host(host: str) -> bool:
+    """An IP address (a page cannot make a browser send one for its own name), localhost or
+    one of ALLOWED_HOSTS: a page whose name is re-pointed at us (DNS rebinding) sends its own."""
+    if "*" in allowed_hosts:
+        return True
+    try:
+        name = urlsplit(f"//{host}").hostname or ""  # lowercase, no port, no [brackets]
+        return name in allowed_hosts | {"localhost"} or bool(ip_address(name))
+    except ValueError:  # not an IP address, or not a host at all
+        return False
+
+
 class RefuseOtherSites:
-    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched."""
+    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched. Not Starlette's
+    TrustedHostMiddleware for hosts: it cannot let any IP address in, and answers in plain text."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if (
-            scope["type"] == "http"
-            and path not in OPEN_PATHS
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+        elif not allowed_host(host := Headers(scope=scope).get("host", "")):
+            message = f"Refused: Host {host!r} is not an IP address, localhost or in ALLOWED_HOSTS"
+            await error_for(path, 400, message)(scope, receive, send)
+        elif (
+            path not in OPEN_PATHS
             and not path.startswith(OPEN_PREFIXES)
             and from_another_site(scope)
         ):
             await refusal(path)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 app.add_middleware(RefuseOtherSites)

@@ -10,6 +10,7 @@ The chat page's tests, at the end, drive headless Chromium, on SQLite only.
 import asyncio
 import configparser
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -67,6 +68,8 @@ SETTINGS = [
     "DEAD_TURN_SECONDS",
     "MAX_LIVE_REPLIES",
     "CORS_ORIGINS",
+    "ALLOWED_HOSTS",
+    "MAX_BODY_BYTES",
 ]
 
 
@@ -1678,6 +1681,65 @@ def test_head_health_answers_like_get(client: httpx.Client) -> None:
     assert response.content == b""
 
 
+BODY_LIMIT = 100_000  # MAX_BODY_BYTES of small_bodies
+# A valid body of each endpoint, opened: whitespace up to any size, then "}" closes it.
+OPENED_BODIES = {
+    "POST /conversations": b'{"title": "big"',
+    "POST /text/generate/stream": b'{"prompt": "big"',
+    "GET /text/generate/stream?prompt=big": b"",  # a body it does not read
+    "POST /v1/chat/completions": b'{"model": "echo", "messages": [{"role": "user", "content": "big"}]',
+}
+
+
+@pytest.fixture(scope="module")
+def small_bodies(start_app: Callable[..., Server]) -> Server:
+    return start_app(MAX_BODY_BYTES=str(BODY_LIMIT))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("request_line", list(OPENED_BODIES))
+def test_a_body_over_max_body_bytes_is_413_before_it_is_read_whole(
+    small_bodies: Server, request_line: str, chunked: bool
+) -> None:
+    before = httpx.get(f"{small_bodies.url}/conversations").json()
+    url = httpx.URL(small_bodies.url)
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        # Declares a terabyte, or streams past the limit; either way never ends the body.
+        framing = (
+            b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % 10**12
+        )
+        head = (
+            b"%s HTTP/1.1\r\nHost: %s\r\n%s\r\nContent-Type: application/json\r\n\r\n"
+        )
+        sock.sendall(head % (request_line.encode(), url.netloc, framing))
+        body = OPENED_BODIES[request_line] + b" " * (BODY_LIMIT + 1)
+        sock.sendall(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        refused = json.loads(response.read())
+    assert response.status == 413
+    if "/v1/" in request_line:
+        assert "MAX_BODY_BYTES" in refused["error"]["message"]
+    else:
+        assert "MAX_BODY_BYTES" in refused["detail"]
+    assert httpx.get(f"{small_bodies.url}/conversations").json() == before
+    assert "Traceback" not in small_bodies.output()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_of_max_body_bytes_is_read(small_bodies: Server, chunked: bool) -> None:
+    opened = OPENED_BODIES["POST /conversations"]
+    body = opened + b" " * (BODY_LIMIT - len(opened) - 1) + b"}"
+    assert len(body) == BODY_LIMIT
+    content = iter([body[:1000], body[1000:]]) if chunked else body
+    headers = {"Content-Type": "application/json"}
+    response = httpx.post(
+        f"{small_bodies.url}/conversations", content=content, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["title"] == "big"
+
+
 def run_sql(database: Database, statement: str) -> None:
     """Write to the test's database behind the app's back."""
     if database.url.startswith("sqlite"):
@@ -3266,6 +3328,15 @@ def test_the_openapi_document_shows_what_the_generation_endpoints_read(
     assert set(body["properties"]) == {"prompt", "conversation_id"}
 
 
+def test_every_operation_id_in_the_openapi_document_is_unique(
+    service: httpx.Client,
+) -> None:
+    paths = service.get("/openapi.json").json()["paths"]
+    ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
+    assert len(ids) >= 12
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
 # Requests from other sites (plain HTTP, with the headers browsers send)
 
 
@@ -3394,6 +3465,76 @@ def test_under_v1_the_refusal_has_openais_error_shape(service: httpx.Client) -> 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert "CORS_ORIGINS" in error["message"]
+
+
+REBOUND = (
+    "rebind.attacker.example"  # a page's name that its owner re-points at 127.0.0.1
+)
+
+
+def as_host(client: httpx.Client, method: str, path: str, host: str) -> httpx.Response:
+    """A request as a browser on http://<host> sends it: that Host, and that Origin."""
+    port = client.base_url.port
+    headers = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+    body = {"title": "x", "prompt": "hi", "model": "echo"}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    return client.request(method, path, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/conversations"),
+        ("POST", "/conversations"),
+        ("POST", "/text/generate/stream"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/"),
+        ("GET", "/health"),
+    ],
+)
+def test_a_host_name_not_in_allowed_hosts_is_refused_before_anything_runs(
+    service: httpx.Client, method: str, path: str
+) -> None:
+    before = service.get("/conversations").json()
+    response = as_host(service, method, path, REBOUND)
+    assert response.status_code == 400
+    refused = response.json()
+    if path.startswith("/v1/"):
+        assert "ALLOWED_HOSTS" in refused["error"]["message"]
+    else:
+        assert "ALLOWED_HOSTS" in refused["detail"]
+    assert service.get("/conversations").json() == before
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "192.168.1.20", "[::1]", "[fe80::1]", "localhost", "LocalHost"],
+)
+def test_ip_addresses_and_localhost_are_always_allowed_hosts(
+    service: httpx.Client, host: str
+) -> None:
+    assert as_host(service, "POST", "/conversations", host).status_code == 201
+    assert as_host(service, "GET", "/", host).status_code == 200
+
+
+def test_allowed_hosts_lets_those_names_in_whatever_their_case_and_port(
+    start_page_app: Callable[..., Server],
+) -> None:
+    app = start_page_app(ALLOWED_HOSTS="chat.example.com, Other.Example")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        for host in ("CHAT.example.com", "other.example"):
+            assert as_host(client, "POST", "/conversations", host).status_code == 201
+        assert as_host(client, "GET", "/health", REBOUND).status_code == 400
+        assert as_host(client, "GET", "/health", "example.com").status_code == 400
+
+
+def test_allowed_hosts_star_lets_any_host_in(
+    start_page_app: Callable[..., Server],
+) -> None:
+    app = start_page_app(ALLOWED_HOSTS="*")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        assert as_host(client, "POST", "/conversations", REBOUND).status_code == 201
+        assert as_host(client, "GET", "/", REBOUND).status_code == 200
 
 
 @pytest.mark.parametrize(
