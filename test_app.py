@@ -2506,7 +2506,14 @@ def test_after_kill_9_a_reply_keeps_its_last_checkpoint_and_is_closed_as_500(
     with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
-        seen = read_until(events, 60)
+        read_until(events, 40)
+
+        def checkpointed() -> str | None:
+            text = client.get(f"/messages/{message_id}").json()["response_content"]
+            return text if len(text) >= 40 else None
+
+        # A checkpoint of what the client saw is in the row (a busy machine writes it late).
+        last_seen_in_the_row = wait_for(checkpointed)
         killed.process.kill()
         killed.process.wait(5)
     start_app(DEAD_TURN_SECONDS="3")
@@ -2516,9 +2523,9 @@ def test_after_kill_9_a_reply_keeps_its_last_checkpoint_and_is_closed_as_500(
         500,
         False,
     )
-    # One checkpoint interval (500 ms) is five pieces of about four characters.
-    assert "".join(f"w{i} " for i in range(100)).startswith(stored["response_content"])
-    assert len(stored["response_content"]) >= len(seen) - 5 * 4
+    # It keeps that checkpoint (or a later one) of the reply.
+    assert stored["response_content"].startswith(last_seen_in_the_row)
+    assert words(100).startswith(stored["response_content"])
 
 
 def test_a_stop_ends_a_reply_whose_process_died_with_its_last_checkpoint(
