@@ -1738,44 +1738,36 @@ async def chat_page() -> HTMLResponse:
     return HTMLResponse(page_body, headers=page_headers)
 
 
-def origin_key(origin: str) -> tuple[str, str, int | None] | None:
-    """scheme, host and port of an origin (default ports made explicit); None if malformed."""
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normal_origin(origin: str) -> str | None:
+    """An origin as a browser writes it (lowercase, no default port); None if it is none."""
     try:
         parts = urlsplit(origin.strip().lower())
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        port = parts.port
     except ValueError:
         return None
-    if not parts.scheme or not parts.hostname or parts.path.strip("/"):
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path.strip("/"):
         return None
-    return parts.scheme, parts.hostname, port
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    port = "" if port in (None, DEFAULT_PORTS[parts.scheme]) else f":{port}"
+    return f"{parts.scheme}://{host}{port}"
 
 
-def parse_cors_origins(value: str) -> dict[tuple[str, str, int | None], str]:
-    """Each origin in CORS_ORIGINS, as a key and as a browser writes it; refuses the malformed."""
-    origins = {}
-    for origin in filter(None, (o.strip() for o in value.split(","))):
-        key = origin_key(origin)
-        if key is None or key[0] not in ("http", "https"):
-            raise ValueError(
-                f"CORS_ORIGINS: {origin!r} is not an origin like http://localhost:5173"
-            )
-        scheme, host, port = key
-        host = f"[{host}]" if ":" in host else host
-        default = port == {"http": 80, "https": 443}[scheme]
-        origins[key] = f"{scheme}://{host}" + ("" if default else f":{port}")
-    return origins
+def parse_cors_origins(value: str) -> set[str]:
+    origins = {origin.strip() for origin in value.split(",")} - {""}
+    for origin in origins:
+        if normal_origin(origin) is None:
+            example = "an origin like http://localhost:5173"
+            raise ValueError(f"CORS_ORIGINS: {origin!r} is not {example}")
+    return {normal_origin(origin) for origin in origins}
 
 
 allowed_origins = parse_cors_origins(settings.cors_origins)
 
 # Open to links and requests from anywhere: they read nothing private and change nothing.
-OPEN_PATHS = {
-    "/",
-    "/health",
-    "/docs",
-    "/docs/oauth2-redirect",
-    "/openapi.json",
-}
+OPEN_PATHS = {"/", "/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 OPEN_PREFIXES = ("/static-offline-docs/",)  # Swagger UI's files (fastapi-offline)
 
 
@@ -1786,18 +1778,9 @@ def from_another_site(scope: dict) -> bool:
     origin = headers.get("origin")
     if origin is None:
         return headers.get("sec-fetch-site") in ("cross-site", "same-site")
-    ours = origin_key(f"{scope.get('scheme', 'http')}://{headers.get('host', '')}")
-    key = origin_key(origin)
-    return key is None or (key != ours and key not in allowed_origins)
-
-
-def refusal(path: str) -> JSONResponse:
-    """403 in the error shape of the path: OpenAI's under /v1, {"detail": ...} elsewhere."""
-    message = (
-        "Refused: a browser request from another site. "
-        "Add its origin to CORS_ORIGINS to allow it."
-    )
-    return error_for(path, 403, message)
+    ours = normal_origin(f"{scope.get('scheme', 'http')}://{headers.get('host', '')}")
+    theirs = normal_origin(origin)
+    return theirs is None or (theirs != ours and theirs not in allowed_origins)
 
 
 allowed_hosts = {h.strip().lower() for h in settings.allowed_hosts.split(",")} - {""}
@@ -1834,7 +1817,8 @@ class RefuseOtherSites:
             and not path.startswith(OPEN_PREFIXES)
             and from_another_site(scope)
         ):
-            await refusal(path)(scope, receive, send)
+            message = "Refused: a browser request from another site. Add its origin to CORS_ORIGINS to allow it."
+            await error_for(path, 403, message)(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -1843,7 +1827,7 @@ app.add_middleware(RefuseOtherSites)
 # Outside the guard, so that preflights get CORS's answer (none for other origins: 400).
 app.add_middleware(
     CORSMiddleware,
-    allow_origins=list(allowed_origins.values()),
+    allow_origins=list(allowed_origins),
     allow_methods=["*"],
     allow_headers=["*"],
     expose_headers=["X-Conversation-Id", "X-Message-Id"],
