@@ -110,7 +110,9 @@ class Settings(BaseSettings):
     default_model: str = "echo"
     system_prompt: str = ""
     history_turns: int = Field(default=10, ge=0)
-    max_prompt_chars: int = Field(default=32_000, ge=1)
+    max_prompt_chars: int = Field(
+        default=32_000, ge=1, le=MAX_TEXT_CHARS
+    )  # a message's
     openai_timeout: float = Field(default=60, gt=0)
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
@@ -120,15 +122,6 @@ class Settings(BaseSettings):
     checkpoint_ms: int = Field(default=500, ge=10)
     dead_turn_seconds: float = Field(default=30, ge=3)
     max_live_replies: int = Field(default=100, ge=1)
-
-    @field_validator("max_prompt_chars")
-    @classmethod
-    def prompt_fits_a_message(cls, value: int) -> int:
-        if value > MAX_TEXT_CHARS:
-            raise ValueError(
-                f"MAX_PROMPT_CHARS must be at most {MAX_TEXT_CHARS:,}: a message holds no more"
-            )
-        return value
 
     @field_validator("api_key")
     @classmethod
@@ -168,13 +161,10 @@ DATABASE_TIMEOUT = 5  # seconds
 class BoundedConnection(psycopg.AsyncConnection):
     """A psycopg connection that gives up when an answer takes over `answer_timeout` seconds.
 
-    `connect_timeout` bounds only connecting: on an open connection a query waits for the
-    socket as long as the OS keeps it, minutes. psycopg does every such wait (queries, commits,
-    SQLAlchemy's pre-ping) in `wait()`, which takes a timeout. asyncio.timeout() around it would
-    not do: cancelled, psycopg first asks the server to cancel the query, which cannot answer.
-    On timeout the connection is closed (it is mid-exchange, of no further use): SQLAlchemy
-    sees a disconnect, drops it with the rest of the pool, and connects anew when asked.
-    Not for LISTEN, whose waits are rightly long.
+    `connect_timeout` bounds only connecting: a query on an open connection waits on the socket
+    for minutes. psycopg does every such wait in `wait()`, which takes a timeout (asyncio.timeout
+    would not do: cancelled, psycopg first asks the silent server to cancel). On timeout the
+    connection is closed: SQLAlchemy sees a disconnect and connects anew when asked.
     """
 
     answer_timeout: float | None = DATABASE_TIMEOUT  # None: wait as long as it takes
