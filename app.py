@@ -791,7 +791,7 @@ async def store_turn(
     )
     if (leaf := (await session.exec(lock)).first()) is None:
         raise HTTPException(404, "Conversation not found")  # deleted meanwhile
-    message.created_at = message.updated_at = utc_now()  # in the order they follow
+    message.created_at = utc_now()  # in the order they follow one another
     message.conversation_id, message.parent_id = conversation.id, leaf.leaf_id
     message.on_branch = True
     session.add(message)
@@ -1124,7 +1124,6 @@ async def start_sibling(
     """A turn beside message `message_id`, after the same turn: its prompt again, or `prompt`."""
     if prompt is not None:  # a stored prompt is not checked again
         prompt_within_limit(prompt, ("body", "prompt"))
-    refuse_when_busy()
     message = await find_message(message_id, session)
     conversation = await locked_conversation(session, message.conversation_id)
     # Read again under the lock: the turn it follows may have been deleted since.
