@@ -2923,8 +2923,10 @@ def test_a_new_chat_uses_the_model_chosen_and_gets_the_models_title(
     assert conversation["model_type"] == "fake:pieces=2:first_ms=300"
     # The model's title, written beside the reply (the fake titles with its reply).
     wait_for(
-        lambda: service.get(f"/conversations/{conversation['id']}").json()["title"]
-        == words(2).strip()
+        lambda: (
+            service.get(f"/conversations/{conversation['id']}").json()["title"]
+            == words(2).strip()
+        )
     )
     page.reload()
     expect(page.locator("#title")).to_have_text(words(2).strip())
@@ -4094,9 +4096,9 @@ def test_v1_calls_with_the_same_history_at_the_same_time_are_siblings_in_one_con
     async def eight_at_once() -> list[httpx.Headers]:
         async with openai.AsyncOpenAI(
             base_url=f"{server.url}/v1", api_key="unused", max_retries=0
-        ) as client:
+        ) as caller:
             calls = [
-                client.chat.completions.with_raw_response.create(
+                caller.chat.completions.with_raw_response.create(
                     model="fake:pieces=3:gap_ms=300", messages=messages
                 )
                 for _ in range(8)
@@ -4504,10 +4506,39 @@ def test_regenerate_of_an_unknown_message_is_404_and_stores_nothing(
     assert response.json() == {"detail": "Message not found"}
 
 
+def test_regenerate_with_a_last_event_id_is_a_reconnect_and_starts_no_turn(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    (turn,) = chain(client, conversation["id"], "q1")
+    _, events = regenerate(client, turn["id"])
+    sibling = events[-1][1]
+    response = client.post(
+        f"/messages/{turn['id']}/regenerate",
+        headers={"Last-Event-ID": f"{sibling['id']}:end"},
+    )
+    assert response.status_code == 204
+    with client.stream(
+        "POST",
+        f"/messages/{turn['id']}/regenerate",
+        headers={"Last-Event-ID": f"{sibling['id']}:0"},
+    ) as response:
+        followed = list(iter_events(response))
+    assert followed[-1] == ("done", sibling)
+    assert len(branch(client, conversation["id"], all=True)) == 2
+
+
 @pytest.mark.parametrize(
     "body",
-    [{"prompt": ""}, {"prompt": "  "}, {"prompt": 5}, {"prompt": "a\x00b"}, ["q"]],
-    ids=["empty", "blank", "number", "nul", "list"],
+    [
+        {"prompt": ""},
+        {"prompt": "  "},
+        {"prompt": 5},
+        {"prompt": "a\x00b"},
+        {"prompt": "x" * 32_001},
+        ["q"],
+    ],
+    ids=["empty", "blank", "number", "nul", "over-max-prompt-chars", "list"],
 )
 def test_regenerate_with_a_bad_body_is_422_and_stores_nothing(
     client: httpx.Client, body: object
@@ -4588,7 +4619,7 @@ def test_switching_back_restores_what_the_model_gets(
     client: httpx.Client, llm_requests: list[dict]
 ) -> None:
     conversation = new_conversation(client, model_type="fake:pieces=1")
-    q1, q2 = chain(client, conversation["id"], "q1", "q2")
+    _, q2 = chain(client, conversation["id"], "q1", "q2")
     _, events = regenerate(client, q2["id"], {"prompt": "q2 edited"})
     edited = events[-1][1]
     switch(client, conversation["id"], q2["id"])
