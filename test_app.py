@@ -3293,6 +3293,7 @@ def test_the_docs_work_offline_with_the_stream_endpoints_listed(
         ("get", "/text/generate/stream", {401, 403, 404, 422, 429}),
         ("post", "/text/generate/stream", {401, 403, 404, 422, 429}),
         ("get", "/messages/{message_id}/stream", {401, 403, 404, 422}),
+        ("post", "/messages/{message_id}/regenerate", {401, 403, 404, 422, 429}),
     ],
 )
 def test_the_openapi_document_describes_each_stream_its_events_and_its_errors(
@@ -3331,6 +3332,11 @@ def test_the_openapi_document_shows_what_the_generation_endpoints_read(
     post = paths["/text/generate/stream"]["post"]
     body = post["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"prompt", "conversation_id"}
+    again = paths["/messages/{message_id}/regenerate"]["post"]["requestBody"]
+    assert again["required"] is False  # the prompt is optional, and so is the body
+    assert set(again["content"]["application/json"]["schema"]["properties"]) == {
+        "prompt"
+    }
 
 
 def test_every_operation_id_in_the_openapi_document_is_unique(
