@@ -61,7 +61,9 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import event, exc, exists, func, true
+from sqlalchemy import and_, event, exc, exists, func, or_, true
+from sqlalchemy import column as sa_column
+from sqlalchemy import text as sql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import aliased
@@ -85,6 +87,8 @@ from models import (
     MessageCreate,
     MessagePublic,
     ModelType,
+    SearchHit,
+    UNSTORABLE,
     storable_piece,
     storable_text,
     utc_now,
@@ -1838,6 +1842,138 @@ async def list_models() -> dict:
         for name in names
     ]
     return {"object": "list", "data": models}
+
+
+# Search, export and import ---------------------------------------------------------------
+# Search runs in the database, on an index written in the same transaction as each turn, so
+# it never drifts from the turns: on SQLite an FTS5 trigram table, on Postgres a pg_trgm GIN
+# index, both over ended turns only (the "search" migration). A trigram index finds a rare
+# term fast but every hit of a common one, which then must be sorted newest first; a walk of
+# the newest turns finds a common term's page at once. So a search first walks a window of
+# the newest turns, which is enough when the page fills, and only then asks the index.
+
+MAX_QUERY_CHARS = 1000
+MAX_TERMS = 32
+TERM = re.compile(r'"([^"]*)"|\S+')  # a quoted phrase, or a run of non-space
+WHITESPACE = re.compile(r"\s+")
+SNIPPET_CHARS = 200
+WINDOW_PER_HIT = 10  # turns walked for each hit of the page before the index is asked
+NEWEST = (col(Message.created_at).desc(), col(Message.id).desc())
+
+
+def search_terms(q: Annotated[str, Query(max_length=MAX_QUERY_CHARS)]) -> list[str]:
+    """`q` split at whitespace, quoted phrases kept whole, `""` ignored; no term: `q` itself."""
+    if not q.strip():
+        raise HTTPException(422, "q must hold something to find")
+    found = (
+        m.group(1) if m.group(1) is not None else m.group() for m in TERM.finditer(q)
+    )
+    terms = list(dict.fromkeys(term for term in found if term)) or [q]
+    if len(terms) > MAX_TERMS:
+        raise HTTPException(422, f"q may hold at most {MAX_TERMS} different terms")
+    return terms
+
+
+def holds(column: Any, term: str) -> Any:
+    """`term` occurs in the column, ASCII case ignored; LIKE's wildcards are only text."""
+    pattern = "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
+    # SQLite's LIKE ignores ASCII case; SQLAlchemy's ilike() there would lower() every text.
+    like = column.like if is_sqlite else column.ilike
+    return like(pattern, escape="\\")
+
+
+def turn_holds(turn: Any, terms: list[str]) -> Any:
+    """Every term in the prompt or the reply, not necessarily the same one."""
+    return and_(
+        *(
+            or_(holds(turn.prompt_content, t), holds(turn.response_content, t))
+            for t in terms
+        )
+    )
+
+
+def in_the_index(terms: list[str]) -> Any:
+    """What the index can narrow the turns to. A trigram needs 3 characters: shorter terms
+    are checked on each ended turn (a scan) and, alone, make the search one. On Postgres the
+    planner takes the GIN index for turn_holds() itself."""
+    phrases = ['"' + t.replace('"', '""') + '"' for t in terms if len(t) >= 3]
+    if not is_sqlite or not phrases:
+        return true()
+    fts = sql("SELECT rowid FROM messages_fts WHERE messages_fts MATCH :match")
+    fts = fts.bindparams(match=" AND ".join(phrases)).columns(sa_column("rowid"))
+    return col(Message.id).in_(fts)
+
+
+async def turn_hits(
+    session: AsyncSession, terms: list[str], skip: int, take: int
+) -> list[tuple[Message, Conversation]]:
+    ended = select(Message).where(~col(Message.live)).order_by(*NEWEST)
+    window = ended.limit(min(5000, WINDOW_PER_HIT * (skip + take))).subquery()
+
+    async def page(turn: Any, *narrowed: Any) -> list[tuple[Message, Conversation]]:
+        query = select(turn, Conversation).join(
+            Conversation, col(Conversation.id) == turn.conversation_id
+        )
+        query = query.where(*narrowed, turn_holds(turn, terms))
+        order = (col(turn.created_at).desc(), col(turn.id).desc())
+        return (
+            await session.exec(query.order_by(*order).offset(skip).limit(take))
+        ).all()
+
+    newest = await page(aliased(Message, window))
+    if len(newest) == take:  # the page's hits are all among the newest turns
+        return newest
+    return await page(Message, ~col(Message.live), in_the_index(terms))
+
+
+def snippet(text: str, found: re.Pattern) -> str | None:
+    """At most SNIPPET_CHARS around the first match, whitespace made single spaces."""
+    match = found.search(text)
+    if match is None:
+        return None
+    start = match.start()
+    length = len(WHITESPACE.sub(" ", match.group()))
+    before = WHITESPACE.sub(" ", text[max(0, start - SNIPPET_CHARS) : start])
+    lead = (
+        before[len(before) - max(0, SNIPPET_CHARS - length) // 2 :]
+        if length < SNIPPET_CHARS
+        else ""
+    )
+    rest = WHITESPACE.sub(" ", text[start : start + 2 * SNIPPET_CHARS])
+    return (lead + rest)[:SNIPPET_CHARS].strip()
+
+
+@api.get("/search")
+async def search(
+    terms: Annotated[list[str], Depends(search_terms)],
+    session: SessionDep,
+    skip: Skip = 0,
+    take: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> list[SearchHit]:
+    if any(UNSTORABLE.search(term) for term in terms):
+        return []  # no stored text holds a NUL or a lone surrogate
+    titled = and_(*(holds(Conversation.title, term) for term in terms))
+    titles_found = (await session.exec(select(func.count()).where(titled))).one()
+    query = (
+        select(Conversation)
+        .where(titled)
+        .order_by(col(Conversation.updated_at).desc(), col(Conversation.id).desc())
+    )
+    titles = (await session.exec(query.offset(skip).limit(take))).all()
+    hits = [SearchHit(conversation=c, message=None, snippet=c.title) for c in titles]
+    if len(hits) < take:
+        turns = await turn_hits(
+            session, terms, max(0, skip - titles_found), take - len(hits)
+        )
+        found = re.compile("|".join(map(re.escape, terms)), re.IGNORECASE)
+        for turn, conversation in turns:
+            shown = snippet(turn.prompt_content, found) or snippet(
+                turn.response_content, found
+            )
+            hits.append(
+                SearchHit(conversation=conversation, message=turn, snippet=shown or "")
+            )
+    return hits
 
 
 app.include_router(api)

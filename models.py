@@ -160,6 +160,15 @@ class Message(MessageBase, table=True):
             postgresql_where=sa.text("live"),
             sqlite_where=sa.text("live"),
         ),
+        # Ended turns newest first: a search walks it (see "Search" in app.py). The
+        # search index itself is the migration's alone (migrations/env.py leaves it out).
+        Index(
+            "ix_messages_ended_created_at_id",
+            "created_at",
+            "id",
+            postgresql_where=sa.text("NOT live"),
+            sqlite_where=sa.text("NOT live"),
+        ),
         # Live turns whose process died (silent since...): only live rows are in it.
         Index(
             "ix_messages_live_updated_at",
@@ -187,3 +196,12 @@ class MessagePublic(MessageBase):
     live: bool
     created_at: Timestamp
     updated_at: Timestamp
+
+
+# Search, export and import ---------------------------------------------------------------
+
+
+class SearchHit(SQLModel):
+    conversation: ConversationPublic
+    message: MessagePublic | None  # None: a title hit
+    snippet: str
