@@ -11,7 +11,7 @@ A later SQLite batch migration that rebuilds `messages` drops these triggers wit
 table: it must create them again (SQLITE_TRIGGERS below).
 
 Revision ID: 5d1f0c7a9e21
-Revises: 2b8d356d0649
+Revises: 3b35a6bab885
 Create Date: 2026-12-02 02:20:00.000000
 
 """
@@ -23,7 +23,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = "5d1f0c7a9e21"
-down_revision: str | Sequence[str] | None = "2b8d356d0649"
+down_revision: str | Sequence[str] | None = "3b35a6bab885"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
