@@ -8,6 +8,8 @@ health. The HTTP API is in README.md.
 import asyncio
 import base64
 import hashlib
+import io
+import itertools
 import json
 import logging
 import re
@@ -16,10 +18,11 @@ import signal
 import sqlite3
 import threading
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from html import escape as html_escape
 from pathlib import Path as FilePath
 from select import select as readable  # the socket kind; queries use sqlmodel's select
@@ -46,7 +49,7 @@ from fastapi import (
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
 from fastapi_offline import FastAPIOffline
@@ -61,7 +64,7 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import and_, event, exc, exists, func, or_, true
+from sqlalchemy import and_, event, exc, exists, func, insert, or_, true, tuple_
 from sqlalchemy import column as sa_column
 from sqlalchemy import text as sql
 from sqlalchemy.engine import make_url
@@ -74,6 +77,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import (
+    EXPORT_FORMAT,
     INT32_MAX,
     MAX_TEXT_CHARS,
     STRICT,
@@ -91,6 +95,14 @@ from models import (
     UNSTORABLE,
     storable_piece,
     storable_text,
+    ChatGPTConversation,
+    ChatGPTNode,
+    ConversationExport,
+    ExportImport,
+    ImportResult,
+    TurnImport,
+    cleaned_text,
+    iso_timestamp,
     utc_now,
 )
 
@@ -121,6 +133,7 @@ class Settings(BaseSettings):
     checkpoint_ms: int = Field(default=500, ge=10)
     dead_turn_seconds: float = Field(default=30, ge=3)
     max_live_replies: int = Field(default=100, ge=1)
+    max_import_bytes: int = Field(default=100_000_000, ge=1)
 
     @field_validator("max_prompt_chars")
     @classmethod
@@ -1974,6 +1987,404 @@ async def search(
                 SearchHit(conversation=conversation, message=turn, snippet=shown or "")
             )
     return hits
+
+
+# Export and import: a conversation is one object (format chat-backend/1) with every turn of
+# every branch; GET /export streams one per line (NDJSON), a conversation read at a time, so
+# its memory does not grow with the database. POST /import takes that back, or ChatGPT's data
+# export mapped to it, in one transaction: all of it is stored, or nothing.
+
+
+async def conversation_export(
+    session: AsyncSession, conversation_id: int
+) -> ConversationExport | None:
+    # One statement: the conversation and its turns are one snapshot on either database.
+    query = (
+        select(Conversation, Message)
+        .outerjoin(Message, col(Message.conversation_id) == Conversation.id)
+        .where(Conversation.id == conversation_id)
+        .order_by(col(Message.created_at), col(Message.id))
+    )
+    rows = (await session.exec(query)).all()
+    if not rows:
+        return None
+    turns = [MessagePublic.model_validate(turn) for _, turn in rows if turn is not None]
+    conversation = ConversationPublic.model_validate(rows[0][0])
+    return ConversationExport(conversation=conversation, messages=turns)
+
+
+def markdown(export: ConversationExport) -> str:
+    """The active branch, for reading: texts as they are, neither escaped nor fenced."""
+    conversation, by_id = export.conversation, {t.id: t for t in export.messages}
+    branch, turn = [], by_id.get(conversation.leaf_id)
+    while turn is not None and len(branch) < len(by_id):
+        branch.append(turn)
+        turn = by_id.get(turn.parent_id)
+    lines = ["# " + re.sub(r"\r\n|\r|\n", " ", conversation.title), ""]
+    for turn in reversed(branch):
+        lines += ["## User", "", turn.prompt_content, "", "## Assistant", ""]
+        lines += [turn.response_content, ""]
+    lines += [f"Model: {conversation.model_type}"]
+    lines += [f"Created: {iso_timestamp(conversation.created_at)}"]
+    return "\n".join([*lines, f"Updated: {iso_timestamp(conversation.updated_at)}", ""])
+
+
+@api.get(
+    "/conversations/{conversation_id}/export",
+    response_model=ConversationExport,
+    responses={200: {"content": {"text/markdown": {}}}, **documented(404)},
+)
+async def export_conversation(
+    conversation_id: ConversationId,
+    session: SessionDep,
+    format: Literal["json", "markdown"] = "json",
+) -> Response:
+    export = await conversation_export(session, conversation_id)
+    if export is None:
+        raise HTTPException(404, "Conversation not found")
+    if format == "markdown":
+        return Response(markdown(export), media_type="text/markdown; charset=utf-8")
+    return Response(export.model_dump_json(), media_type="application/json")
+
+
+async def export_lines(page_size: int = 100) -> AsyncIterator[bytes]:
+    """Oldest conversation first; a session per read, so no connection is held between."""
+    after, oldest = None, (col(Conversation.created_at), col(Conversation.id))
+    while True:
+        query = select(Conversation.created_at, Conversation.id).order_by(*oldest)
+        if after is not None:
+            query = query.where(tuple_(*oldest) > tuple_(*after))
+        async with AsyncSession(engine) as session:
+            page = (await session.exec(query.limit(page_size))).all()
+        for _, conversation_id in page:
+            async with AsyncSession(engine) as session:
+                export = await conversation_export(session, conversation_id)
+            if export is not None:  # else deleted meanwhile
+                yield export.model_dump_json().encode() + b"\n"
+        if len(page) < page_size:
+            return
+        after = page[-1]
+
+
+@api.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+async def export_everything() -> StreamingResponse:
+    return StreamingResponse(export_lines(), media_type="application/x-ndjson")
+
+
+class ImportProblem(Exception):
+    """Part of an import is malformed: the message says where (conversation index, field)."""
+
+
+def problem_at(index: int, where: str, problem: str) -> ImportProblem:
+    return ImportProblem(f"conversation {index}, {where}: {problem}")
+
+
+def validation_problem(index: int, error: ValidationError) -> ImportProblem:
+    first = error.errors()[0]
+    return problem_at(index, ".".join(map(str, first["loc"])) or "body", first["msg"])
+
+
+@dataclass
+class Checked:
+    document: ExportImport
+    levels: list[
+        list[TurnImport]
+    ]  # the turns by depth: first turns, the turns after them...
+    branch: set[int]  # the file's ids of the turns on the active branch
+
+
+def checked(index: int, document: ExportImport) -> Checked:
+    """The tree of turns, once each turn's parent is known to be one of them and no turn
+    is its own ancestor."""
+    turns = {}
+    for at, turn in enumerate(document.messages):
+        if turns.setdefault(turn.id, turn) is not turn:
+            raise problem_at(index, f"messages.{at}.id", f"{turn.id} appears twice")
+    depths: dict[int | None, int] = {None: -1}
+    for at, turn in enumerate(document.messages):
+        path, key = [], turn.id
+        while key not in depths:
+            if key in path or key not in turns:
+                problem = (
+                    "its parents form a cycle" if key in path else f"no turn {key}"
+                )
+                raise problem_at(index, f"messages.{at}.parent_id", problem)
+            path.append(key)
+            key = turns[key].parent_id
+        for key in reversed(path):
+            depths[key] = depths[turns[key].parent_id] + 1
+    leaf = document.conversation.leaf_id
+    if leaf is not None and leaf not in turns:
+        raise problem_at(index, "conversation.leaf_id", f"no turn {leaf}")
+    levels = [[] for _ in range(max(depths.values()) + 1)]
+    for turn in document.messages:
+        levels[depths[turn.id]].append(turn)
+    branch = set()
+    while leaf is not None:
+        branch.add(leaf)
+        leaf = turns[leaf].parent_id
+    return Checked(document, levels, branch)
+
+
+def stored_row(record: SQLModel, exclude: set[str], **values: Any) -> dict:
+    row = record.model_dump(exclude=exclude | {"created_at", "updated_at"})
+    times = {
+        key: getattr(record, key).astimezone(UTC)
+        for key in ("created_at", "updated_at")
+    }
+    return {**row, **times, **values}
+
+
+def turn_row(turn: TurnImport, **links: Any) -> dict:
+    failed = {"is_success": False, "status_code": 500} if turn.live else {}
+    return stored_row(turn, {"id", "parent_id", "live"}, **failed, **links)
+
+
+async def inserted_ids(
+    session: AsyncSession, table: type[SQLModel], rows: list
+) -> list:
+    if not rows:
+        return []
+    query = insert(table).returning(table.id, sort_by_parameter_order=True)
+    return list((await session.exec(query, params=rows)).scalars())
+
+
+async def store_imports(session: AsyncSession, batch: list[Checked]) -> list[int]:
+    """Conversations first, then their turns a depth at a time, each after its parent."""
+    heads = [stored_row(c.document.conversation, {"leaf_id"}) for c in batch]
+    conversation_ids = await inserted_ids(session, Conversation, heads)
+    new_ids: dict[tuple[int, int | None], int | None] = {}  # (batch index, file's id)
+    for depth in range(max(len(c.levels) for c in batch)):
+        keys, rows = [], []
+        for at, (c, conversation_id) in enumerate(zip(batch, conversation_ids)):
+            for turn in c.levels[depth] if depth < len(c.levels) else []:
+                keys.append((at, turn.id))
+                parent_id = new_ids.get((at, turn.parent_id))
+                on_branch = turn.id in c.branch
+                rows.append(
+                    turn_row(
+                        turn,
+                        conversation_id=conversation_id,
+                        parent_id=parent_id,
+                        on_branch=on_branch,
+                    )
+                )
+        new_ids.update(zip(keys, await inserted_ids(session, Message, rows)))
+    leaves = [
+        {
+            "id": conversation_id,
+            "leaf_id": new_ids.get((at, c.document.conversation.leaf_id)),
+        }
+        for at, (c, conversation_id) in enumerate(zip(batch, conversation_ids))
+    ]
+    await session.exec(update(Conversation), params=leaves)
+    return conversation_ids
+
+
+def our_document(index: int, data: bytes) -> ExportImport:
+    try:
+        return ExportImport.model_validate_json(data)
+    except ValidationError as error:
+        raise validation_problem(index, error) from None
+
+
+def documents_in(body: bytes) -> Iterator[tuple[int, ExportImport]]:
+    """ChatGPT's array; our NDJSON, a line at a time; or one export object, whole."""
+    if re.match(rb"\s*\[", body):
+        yield from chatgpt_documents(body)
+        return
+    lines = (line for line in io.BytesIO(body) if line.strip())
+    first = next(lines, b"")
+    try:
+        one_per_line = isinstance(json.loads(first), dict)
+    except (ValueError, RecursionError):
+        one_per_line = False
+    if not one_per_line:
+        yield 0, our_document(0, body)
+        return
+    for index, line in enumerate(itertools.chain([first], lines)):
+        yield index, our_document(index, line)
+
+
+def chatgpt_documents(body: bytes) -> Iterator[tuple[int, ExportImport]]:
+    try:
+        items = json.loads(body)  # unlike pydantic's parser, it keeps lone surrogates
+    except (ValueError, RecursionError) as error:
+        raise ImportProblem(f"The body is not JSON: {error}") from None
+    for index, item in enumerate(items):
+        try:
+            chat = ChatGPTConversation.model_validate(item)
+        except ValidationError as error:
+            raise validation_problem(index, error) from None
+        yield index, from_chatgpt(index, chat)
+
+
+def kept_parents(mapping: dict[str, ChatGPTNode], texts: dict) -> dict[str, str | None]:
+    """Each node's nearest ancestor that is kept (None: none is): skipped nodes' children
+    are attached to it. A chain of skipped nodes is walked once."""
+    above: dict[str, str | None] = {}
+    for start in mapping:
+        path, key = [], start
+        while key not in above:
+            parent = mapping[key].parent
+            if key in path or (parent is not None and parent not in mapping):
+                problem = (
+                    "the parents form a cycle" if key in path else f"no node {parent!r}"
+                )
+                raise ValueError(f"mapping.{key}.parent: {problem}")
+            path.append(key)
+            if parent is None or texts[parent] is not None:
+                break
+            key = parent
+        nearest = parent if key not in above else above[key]
+        above.update(dict.fromkeys(path, nearest))
+    return above
+
+
+def chatgpt_pairs(chat: ChatGPTConversation, above: dict, roles: dict) -> list[tuple]:
+    """(user node, assistant node) per turn: a reply under each prompt (several: sibling
+    turns), None for a missing side."""
+    replies = defaultdict(list)
+    for key, role in roles.items():
+        if role == "assistant" and roles.get(above[key]) == "user":
+            replies[above[key]].append(key)
+    pairs = []
+    for key, role in roles.items():
+        if role == "user":
+            pairs += [(key, reply) for reply in replies[key]] or [(key, None)]
+        elif roles.get(above[key]) != "user":
+            pairs.append((None, key))
+    return pairs
+
+
+def chatgpt_turns(chat: ChatGPTConversation) -> tuple[list[dict], int | None]:
+    """Our turns (ids 1, 2... in the mapping's order) and the leaf's id."""
+    nodes = chat.mapping
+    texts = {k: n.message.kept_text() if n.message else None for k, n in nodes.items()}
+    above = kept_parents(nodes, texts)
+    roles = {
+        k: nodes[k].message.author.role for k, text in texts.items() if text is not None
+    }
+    pairs = chatgpt_pairs(chat, above, roles)
+    turn_of = {}  # node -> the id of its turn (a prompt with several replies: the first)
+    for number, (prompt, reply) in enumerate(pairs, 1):
+        if prompt is not None:
+            turn_of.setdefault(prompt, number)
+        if reply is not None:
+            turn_of[reply] = number
+    turns = []
+    for number, (prompt, reply) in enumerate(pairs, 1):
+        last = nodes[reply if reply is not None else prompt].message
+        turns.append(
+            {
+                "id": number,
+                "parent_id": turn_of.get(
+                    above[prompt if prompt is not None else reply]
+                ),
+                "prompt_content": texts.get(prompt) or "",
+                "response_content": texts.get(reply) or "",
+                "is_success": True,
+                "status_code": 200,
+                "created_at": last.create_time,
+                "updated_at": last.update_time,
+            }
+        )
+    current = chat.current_node
+    if current is not None and current not in nodes:
+        raise ValueError(f"current_node: no node {current!r}")
+    leaf = turn_of.get(
+        current if texts.get(current) is not None else above.get(current)
+    )
+    return turns, leaf
+
+
+def chatgpt_time(seconds: float | None, otherwise: datetime) -> datetime:
+    return otherwise if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def from_chatgpt(index: int, chat: ChatGPTConversation) -> ExportImport:
+    try:
+        turns, leaf = chatgpt_turns(chat)
+        created = chatgpt_time(chat.create_time, utc_now())
+        updated = chatgpt_time(chat.update_time, created)
+        for turn in turns:
+            turn["created_at"] = chatgpt_time(turn["created_at"], created)
+            turn["updated_at"] = chatgpt_time(turn["updated_at"], updated)
+    except (ValueError, OverflowError, OSError) as error:
+        raise ImportProblem(f"conversation {index}, {error}") from None
+    slugs = [
+        (node.message.create_time or 0, node.message.metadata.get("model_slug"))
+        for node in chat.mapping.values()
+        if node.message and isinstance(node.message.metadata.get("model_slug"), str)
+    ]
+    model_type = chat.default_model_slug or max(slugs, default=(0, None))[1]
+    first_prompt = next((t["prompt_content"] for t in turns if t["prompt_content"]), "")
+    title = cleaned_text(chat.title or "")[:200].strip() or short_title(first_prompt)
+    conversation = {"title": title, "model_type": model_type or settings.default_model}
+    conversation |= {"leaf_id": leaf, "created_at": created, "updated_at": updated}
+    document = {
+        "format": EXPORT_FORMAT,
+        "conversation": conversation,
+        "messages": turns,
+    }
+    try:
+        return ExportImport.model_validate(document)
+    except ValidationError as error:
+        raise validation_problem(index, error) from None
+
+
+async def bounded_body(request: Request) -> bytearray:
+    """The body, refused (413) as soon as it is known to be over MAX_IMPORT_BYTES."""
+    limit, declared = settings.max_import_bytes, request.headers.get("content-length")
+    too_large = HTTPException(413, f"An import may hold at most {limit:,} bytes")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return body
+
+
+IMPORT_BATCH_TURNS = 2000  # turns stored together: a statement per depth of their trees
+IMPORT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "An export object, the NDJSON of GET /export, or ChatGPT's "
+        "conversations.json",
+        "content": {
+            "application/json": {"schema": ExportImport.model_json_schema()},
+            "application/x-ndjson": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+@api.post(
+    "/import",
+    status_code=201,
+    openapi_extra=IMPORT_BODY,
+    responses={413: error_response("Over MAX_IMPORT_BYTES"), **documented(422)},
+)
+async def import_conversations(request: Request, session: SessionDep) -> ImportResult:
+    body, ids, batch, turns = await bounded_body(request), [], [], 0
+    try:
+        for index, document in documents_in(body):
+            batch.append(checked(index, document))
+            turns += len(document.messages)
+            if turns >= IMPORT_BATCH_TURNS:
+                ids += await store_imports(session, batch)
+                batch, turns = [], 0
+        ids += await store_imports(session, batch) if batch else []
+    except ImportProblem as problem:
+        raise HTTPException(422, str(problem)) from None
+    await session.commit()  # all of it, or (an error above) none
+    return ImportResult(conversation_ids=ids)
 
 
 app.include_router(api)

@@ -2,13 +2,16 @@
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import sqlalchemy as sa
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
+    BaseModel,
     ConfigDict,
     PlainSerializer,
+    Strict,
     StringConstraints,
     field_validator,
 )
@@ -219,3 +222,104 @@ class SearchHit(SQLModel):
     conversation: ConversationPublic
     message: MessagePublic | None  # None: a title hit
     snippet: str
+
+
+EXPORT_FORMAT = "chat-backend/1"
+
+
+class ConversationExport(SQLModel):
+    """GET /conversations/{id}/export: every turn of every branch, oldest first."""
+
+    format: Literal["chat-backend/1"] = EXPORT_FORMAT
+    conversation: ConversationPublic
+    messages: list[MessagePublic]
+
+
+# A datetime is text in JSON: strict mode would refuse it (SQLModel validates JSON as Python).
+ImportedTime = Annotated[AwareDatetime, Strict(False)]
+
+# An import reads our export back (strict, as every JSON body), and ChatGPT's data export is
+# mapped to the same shapes, so both pass the same checks. Ids are the file's own: they link
+# turns to their parents and the leaf, and the stored rows get new ones.
+
+
+class TurnImport(MessageBase):
+    model_config = STRICT
+    id: int
+    parent_id: int | None = None
+    live: bool = False
+    created_at: ImportedTime
+    updated_at: ImportedTime
+
+
+class ConversationImport(ConversationBase):
+    model_config = STRICT
+    leaf_id: int | None = None
+    created_at: ImportedTime
+    updated_at: ImportedTime
+
+
+class ExportImport(SQLModel):
+    model_config = STRICT
+    format: Literal["chat-backend/1"]
+    conversation: ConversationImport
+    messages: list[TurnImport]
+
+
+# ChatGPT's conversations.json: a list of conversations, each a tree of nodes in `mapping`.
+# Only what the import uses is read; anything else is ignored.
+
+
+def cleaned_text(value: str) -> str:
+    """ChatGPT's text is taken as it comes: what no message can hold is replaced or cut."""
+    return storable_piece(value)[:MAX_TEXT_CHARS]
+
+
+class ChatGPTAuthor(BaseModel):
+    role: str
+
+
+class ChatGPTContent(BaseModel):
+    content_type: str
+    parts: list[object] = []
+
+
+class ChatGPTMessage(BaseModel):
+    author: ChatGPTAuthor
+    content: ChatGPTContent
+    create_time: float | None = None
+    update_time: float | None = None
+    weight: float = 1.0
+    recipient: str | None = "all"
+    metadata: dict = {}
+
+    def kept_text(self) -> str | None:
+        """The text of a user message or an assistant's reply; None for what is skipped:
+        system and tool messages, hidden ones, tool calls, content that is not text."""
+        hidden = self.weight == 0 or self.metadata.get(
+            "is_visually_hidden_from_conversation"
+        )
+        to_all = self.author.role == "user" or self.recipient in (None, "all")
+        text = self.content.content_type in ("text", "multimodal_text")
+        parts = [part for part in self.content.parts if isinstance(part, str)]
+        if self.author.role not in ("user", "assistant") or hidden or not to_all:
+            return None
+        return cleaned_text("\n".join(parts)) if text and parts else None
+
+
+class ChatGPTNode(BaseModel):
+    message: ChatGPTMessage | None = None
+    parent: str | None = None  # authoritative: `children` may be missing
+
+
+class ChatGPTConversation(BaseModel):
+    title: str | None = None
+    create_time: float | None = None
+    update_time: float | None = None
+    mapping: dict[str, ChatGPTNode]
+    current_node: str | None = None
+    default_model_slug: str | None = None
+
+
+class ImportResult(SQLModel):
+    conversation_ids: list[int]  # the new conversations, in the body's order
