@@ -66,6 +66,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import and_, event, exc, exists, func, insert, or_, true, tuple_
 from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
 from sqlalchemy import text as sql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -1871,6 +1872,7 @@ TERM = re.compile(r'"([^"]*)"|\S+')  # a quoted phrase, or a run of non-space
 WHITESPACE = re.compile(r"\s+")
 SNIPPET_CHARS = 200
 WINDOW_PER_HIT = 10  # turns walked for each hit of the page before the index is asked
+FEW_HITS = 200  # SQLite: fewer in the index, and they are the whole answer
 NEWEST = (col(Message.created_at).desc(), col(Message.id).desc())
 # As the partial indexes say it: SQLAlchemy writes `live = 0` on SQLite, which SQLite does
 # not see implies `NOT live`, and then uses neither index.
@@ -1908,24 +1910,21 @@ def turn_holds(turn: Any, terms: list[str]) -> Any:
     )
 
 
-def in_the_index(terms: list[str]) -> Any:
-    """What the index can narrow the turns to. A trigram needs 3 characters: shorter terms
-    are checked on each ended turn (a scan) and, alone, make the search one. On Postgres the
-    planner takes the GIN index for turn_holds() itself."""
+def fts_rowids(terms: list[str]) -> Any:
+    """SQLite: the turns the FTS5 index holds every term of 3 characters or more in (a
+    trigram needs 3: shorter terms are checked on each turn, and alone make a scan)."""
     phrases = ['"' + t.replace('"', '""') + '"' for t in terms if len(t) >= 3]
     if not is_sqlite or not phrases:
-        return true()
-    fts = sql("SELECT rowid FROM messages_fts WHERE messages_fts MATCH :match")
-    fts = fts.bindparams(match=" AND ".join(phrases)).columns(sa_column("rowid"))
-    return col(Message.id).in_(fts)
+        return None
+    fts = select(sa_column("rowid")).select_from(sa_table("messages_fts"))
+    return fts.where(
+        sql("messages_fts MATCH :match").bindparams(match=" AND ".join(phrases))
+    )
 
 
 async def turn_hits(
     session: AsyncSession, terms: list[str], skip: int, take: int
 ) -> list[tuple[Message, Conversation]]:
-    ended = select(Message).where(ENDED).order_by(*NEWEST)
-    window = ended.limit(min(5000, WINDOW_PER_HIT * (skip + take))).subquery()
-
     async def page(turn: Any, *narrowed: Any) -> list[tuple[Message, Conversation]]:
         query = select(turn, Conversation).join(
             Conversation, col(Conversation.id) == turn.conversation_id
@@ -1936,10 +1935,19 @@ async def turn_hits(
             await session.exec(query.order_by(*order).offset(skip).limit(take))
         ).all()
 
-    newest = await page(aliased(Message, window))
+    indexed = fts_rowids(terms)
+    if indexed is not None:  # FTS5 stops at a LIMIT: a rare term's hits come at once
+        few = (await session.exec(indexed.limit(FEW_HITS))).all()
+        if len(few) < FEW_HITS:
+            return await page(Message, col(Message.id).in_(few))
+    walked = WINDOW_PER_HIT * (skip + take)
+    window = select(Message).where(ENDED).order_by(*NEWEST).limit(min(5000, walked))
+    newest = await page(aliased(Message, window.subquery()))
     if len(newest) == take:  # the page's hits are all among the newest turns
         return newest
-    return await page(Message, ENDED, in_the_index(terms))
+    # On Postgres the planner takes the GIN index for turn_holds() itself.
+    in_the_index = true() if indexed is None else col(Message.id).in_(indexed)
+    return await page(Message, ENDED, in_the_index)
 
 
 def snippet(text: str, found: re.Pattern) -> str | None:
@@ -1969,13 +1977,15 @@ async def search(
     if any(UNSTORABLE.search(term) for term in terms):
         return []  # no stored text holds a NUL or a lone surrogate
     titled = and_(*(holds(Conversation.title, term) for term in terms))
-    titles_found = (await session.exec(select(func.count()).where(titled))).one()
     query = (
         select(Conversation)
         .where(titled)
         .order_by(col(Conversation.updated_at).desc(), col(Conversation.id).desc())
     )
     titles = (await session.exec(query.offset(skip).limit(take))).all()
+    titles_found = skip + len(titles)  # when the page of titles has room left
+    if skip and not titles:  # the page is past the titles: how many were there?
+        titles_found = (await session.exec(select(func.count()).where(titled))).one()
     hits = [SearchHit(conversation=c, message=None, snippet=c.title) for c in titles]
     if len(hits) < take:
         turns = await turn_hits(
