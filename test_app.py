@@ -4838,3 +4838,68 @@ def test_export_import_into_an_empty_database_and_export_again_gives_the_same_li
     assert [without_ids(line) for line in after] == [
         without_ids(line) for line in before
     ]
+
+
+def test_the_page_searches_and_opens_a_hit_on_its_branch(
+    open_page: Callable[..., Page], service: httpx.Client, tmp_path: Path
+) -> None:
+    word = marker()
+    body = our_export(f"Trip {word[:4]}", "echo", TREE, leaf=3)
+    body["messages"][3] |= {"prompt_content": f"the other branch: {word}\n\nfound"}
+    [conversation_id] = import_body(service, json.dumps(body)).json()[
+        "conversation_ids"
+    ]
+    hit_id = exported(service, conversation_id)["messages"][3]["id"]
+    page = open_page()
+    page.get_by_role("searchbox", name="Search chats").fill(word)
+    results = page.get_by_role("list", name="Search results")
+    expect(results.get_by_role("link")).to_have_count(1)
+    expect(results).to_contain_text(f"the other branch: {word} found")
+    page.screenshot(path=tmp_path / "search.png")
+    results.get_by_role("link").click()
+    expect(page).to_have_url(re.compile(f"#/c/{conversation_id}/m/{hit_id}$"))
+    expect(page.locator(".turn .prompt")).to_have_count(2)
+    expect(page.locator(".turn.hit .prompt")).to_contain_text(word)
+    assert service.get(f"/conversations/{conversation_id}").json()["leaf_id"] == hit_id
+    page.get_by_role("searchbox", name="Search chats").fill("")
+    expect(page.get_by_role("list", name="Search results")).to_be_hidden()
+    expect(page.locator("#conversations a").first).to_be_visible()
+    page.screenshot(path=tmp_path / "hit.png")
+
+
+def test_the_page_exports_json_and_markdown_and_imports_a_file(
+    open_page: Callable[..., Page], service: httpx.Client, tmp_path: Path
+) -> None:
+    body = our_export("Export me", "echo", TREE, leaf=4)
+    [conversation_id] = import_body(service, json.dumps(body)).json()[
+        "conversation_ids"
+    ]
+    page = open_page(f"/#/c/{conversation_id}")
+    expect(page.get_by_role("heading", name="Export me")).to_be_visible()
+    for name, query in (("Export JSON", ""), ("Export Markdown", "?format=markdown")):
+        with page.expect_download() as download:
+            page.get_by_role("button", name=name).click()
+        saved = Path(download.value.path()).read_text()
+        assert (
+            saved == service.get(f"/conversations/{conversation_id}/export{query}").text
+        )
+    chatgpt = json.dumps([chatgpt_conversation(*CHATGPT_NODES, title="From ChatGPT")])
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Import").click()
+    chooser.value.set_files(
+        {
+            "name": "conversations.json",
+            "mimeType": "application/json",
+            "buffer": chatgpt.encode(),
+        }
+    )
+    expect(page.get_by_role("heading", name="From ChatGPT")).to_be_visible()
+    expect(page.locator(".turn .reply").last).to_contain_text("Here is what I found")
+    page.screenshot(path=tmp_path / "imported.png")
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Import").click()
+    chooser.value.set_files(
+        {"name": "bad.json", "mimeType": "application/json", "buffer": b"[5]"}
+    )
+    expect(page.locator("#list-note")).to_contain_text("Import failed: conversation 0")
+    page.screenshot(path=tmp_path / "import-failed.png")
