@@ -4903,3 +4903,49 @@ def test_the_page_exports_json_and_markdown_and_imports_a_file(
     )
     expect(page.locator("#list-note")).to_contain_text("Import failed: conversation 0")
     page.screenshot(path=tmp_path / "import-failed.png")
+
+
+def test_the_search_migration_indexes_the_ended_turns_a_database_already_holds(
+    empty_database: Database, tmp_path: Path
+) -> None:
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    assert alembic(ini, url, "upgrade", "3b35a6bab885").returncode == 0  # before search
+    at = "'2026-11-25 12:00:00.000000'"
+    run_sql(
+        empty_database,
+        "INSERT INTO conversations (id, title, model_type, created_at, updated_at)"
+        f" VALUES (1, 'Old chat', 'echo', {at}, {at})",
+    )
+    for turn, (prompt, live) in enumerate(
+        [
+            ("ended quetzal one", "false"),
+            ("live quetzal two", "true"),
+            ("東京 three", "false"),
+        ],
+        1,
+    ):
+        run_sql(
+            empty_database,
+            "INSERT INTO messages (id, conversation_id, parent_id, prompt_content,"
+            " response_content, live, created_at, updated_at)"
+            f" VALUES ({turn}, 1, {turn - 1 or 'NULL'}, '{prompt}', 'reply', {live}, {at}, {at})",
+        )
+    upgraded = alembic(ini, url, "upgrade", "head")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert alembic(ini, url, "check").returncode == 0
+    process, log = launch(
+        ["--port", str(port := free_port())], {"DATABASE_URL": url}, tmp_path
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            # The app ends the live turn at its start (its process is long gone): found now.
+            assert found_turns(client, "quetzal") == [2, 1]
+            assert found_turns(client, "東京") == [3]
+            assert client.delete("/messages/3").status_code == 204
+            assert found_turns(client, "東京") == []
+            assert len(client.get("/conversations/1/messages?all=true").json()) == 2
+    finally:
+        stop(process)
+    assert alembic(ini, url, "downgrade", "-1").returncode == 0
+    assert alembic(ini, url, "upgrade", "head").returncode == 0
