@@ -1697,6 +1697,8 @@ async def list_models() -> dict:
 # the newest turns, which is enough when the page fills, and only then asks the index.
 
 MAX_QUERY_CHARS = 1000
+# Reads of a statement or a few that need no snapshot together: no BEGIN and ROLLBACK.
+reader = engine.execution_options(isolation_level="AUTOCOMMIT")
 MAX_TERMS = 32
 TERM = re.compile(r'"([^"]*)"|\S+')  # a quoted phrase, or a run of non-space
 WHITESPACE = re.compile(r"\s+")
@@ -1800,12 +1802,18 @@ def snippet(text: str, found: re.Pattern) -> str | None:
 @api.get("/search")
 async def search(
     terms: Annotated[list[str], Depends(search_terms)],
-    session: SessionDep,
     skip: Skip = 0,
     take: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> list[SearchHit]:
     if any(UNSTORABLE.search(term) for term in terms):
         return []  # no stored text holds a NUL or a lone surrogate
+    async with AsyncSession(reader) as session:
+        return await hits_for(session, terms, skip, take)
+
+
+async def hits_for(
+    session: AsyncSession, terms: list[str], skip: int, take: int
+) -> list[SearchHit]:
     titled = and_(*(holds(Conversation.title, term) for term in terms))
     query = (
         select(Conversation)
@@ -1900,10 +1908,10 @@ async def export_lines(page_size: int = 100) -> AsyncIterator[bytes]:
         query = select(Conversation.created_at, Conversation.id).order_by(*oldest)
         if after is not None:
             query = query.where(tuple_(*oldest) > tuple_(*after))
-        async with AsyncSession(engine) as session:
+        async with AsyncSession(reader) as session:
             page = (await session.exec(query.limit(page_size))).all()
         for _, conversation_id in page:
-            async with AsyncSession(engine) as session:
+            async with AsyncSession(reader) as session:
                 export = await conversation_export(session, conversation_id)
             if export is not None:  # else deleted meanwhile
                 yield export.model_dump_json().encode() + b"\n"
