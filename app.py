@@ -18,7 +18,6 @@ import signal
 import sqlite3
 import threading
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import and_, event, exc, exists, func, insert, or_, true, tuple_
+from sqlalchemy import and_, event, exc, exists, func, insert, true, tuple_
 from sqlalchemy import column as sa_column
 from sqlalchemy import table as sa_table
 from sqlalchemy import text as sql
@@ -98,7 +97,6 @@ from models import (
     storable_piece,
     storable_text,
     ChatGPTConversation,
-    ChatGPTNode,
     ConversationExport,
     ExportImport,
     ImportResult,
@@ -1691,14 +1689,14 @@ async def list_models() -> dict:
 # Search, export and import ---------------------------------------------------------------
 # Search runs in the database, on an index written in the same transaction as each turn, so
 # it never drifts from the turns: on SQLite an FTS5 trigram table, on Postgres a pg_trgm GIN
-# index, both over ended turns only (the "search" migration). A trigram index finds a rare
-# term fast but every hit of a common one, which then must be sorted newest first; a walk of
-# the newest turns finds a common term's page at once. So a search first walks a window of
-# the newest turns, which is enough when the page fills, and only then asks the index.
+# index, both over ended turns only (the "search" migration). An index finds a rare term's
+# few hits at once, but all of a common term's, to be sorted newest first; a walk of the
+# newest turns finds a common term's page at once. So the index is asked first only where it
+# can stop early (FTS5), then a window of the newest turns is walked, then the index again.
 
-MAX_QUERY_CHARS = 1000
-# Reads of a statement or a few that need no snapshot together: no BEGIN and ROLLBACK.
+# Reads that need no snapshot across statements: no BEGIN and ROLLBACK round trips.
 reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+MAX_QUERY_CHARS = 1000
 MAX_TERMS = 32
 TERM = re.compile(r'"([^"]*)"|\S+')  # a quoted phrase, or a run of non-space
 WHITESPACE = re.compile(r"\s+")
@@ -1734,12 +1732,10 @@ def holds(column: Any, term: str) -> Any:
 
 def turn_holds(turn: Any, terms: list[str]) -> Any:
     """Every term in the prompt or the reply, not necessarily the same one."""
-    return and_(
-        *(
-            or_(holds(turn.prompt_content, t), holds(turn.response_content, t))
-            for t in terms
-        )
+    held = (
+        holds(turn.prompt_content, t) | holds(turn.response_content, t) for t in terms
     )
+    return and_(*held)
 
 
 def fts_rowids(terms: list[str]) -> Any:
@@ -1772,11 +1768,15 @@ async def turn_hits(
         few = (await session.exec(indexed.limit(FEW_HITS))).all()
         if len(few) < FEW_HITS:
             return await page(Message, col(Message.id).in_(few))
-    walked = WINDOW_PER_HIT * (skip + take)
-    window = select(Message).where(ENDED).order_by(*NEWEST).limit(min(5000, walked))
-    newest = await page(aliased(Message, window.subquery()))
-    if len(newest) == take:  # the page's hits are all among the newest turns
-        return newest
+    # Without a term of 3 characters no index helps: on Postgres larger windows before a
+    # scan (SQLite's plan for the last query below walks the turns newest first itself).
+    first = min(5000, WINDOW_PER_HIT * (skip + take))
+    walk = is_sqlite or any(len(term) >= 3 for term in terms)
+    for size in (first,) if walk else (first, 8 * first, 64 * first):
+        window = select(Message).where(ENDED).order_by(*NEWEST).limit(size)
+        newest = await page(aliased(Message, window.subquery()))
+        if len(newest) == take:  # the page's hits are all among the newest turns
+            return newest
     # On Postgres the planner takes the GIN index for turn_holds() itself.
     in_the_index = true() if indexed is None else col(Message.id).in_(indexed)
     return await page(Message, ENDED, in_the_index)
@@ -1929,73 +1929,28 @@ async def export_everything() -> StreamingResponse:
     return StreamingResponse(export_lines(), media_type="application/x-ndjson")
 
 
-class ImportProblem(Exception):
-    """Part of an import is malformed: the message says where (conversation index, field)."""
-
-
-def problem_at(index: int, where: str, problem: str) -> ImportProblem:
-    return ImportProblem(f"conversation {index}, {where}: {problem}")
-
-
-def validation_problem(index: int, error: ValidationError) -> ImportProblem:
-    first = error.errors()[0]
-    return problem_at(index, ".".join(map(str, first["loc"])) or "body", first["msg"])
-
-
-@dataclass
-class Checked:
-    document: ExportImport
-    levels: list[
-        list[TurnImport]
-    ]  # the turns by depth: first turns, the turns after them...
-    branch: set[int]  # the file's ids of the turns on the active branch
-
-
-def checked(index: int, document: ExportImport) -> Checked:
-    """The tree of turns, once each turn's parent is known to be one of them and no turn
-    is its own ancestor."""
-    turns = {}
-    for at, turn in enumerate(document.messages):
-        if turns.setdefault(turn.id, turn) is not turn:
-            raise problem_at(index, f"messages.{at}.id", f"{turn.id} appears twice")
-    depths: dict[int | None, int] = {None: -1}
-    for at, turn in enumerate(document.messages):
-        path, key = [], turn.id
-        while key not in depths:
-            if key in path or key not in turns:
-                problem = (
-                    "its parents form a cycle" if key in path else f"no turn {key}"
-                )
-                raise problem_at(index, f"messages.{at}.parent_id", problem)
-            path.append(key)
-            key = turns[key].parent_id
-        for key in reversed(path):
-            depths[key] = depths[turns[key].parent_id] + 1
-    leaf = document.conversation.leaf_id
-    if leaf is not None and leaf not in turns:
-        raise problem_at(index, "conversation.leaf_id", f"no turn {leaf}")
-    levels = [[] for _ in range(max(depths.values()) + 1)]
-    for turn in document.messages:
-        levels[depths[turn.id]].append(turn)
-    branch = set()
-    while leaf is not None:
-        branch.add(leaf)
-        leaf = turns[leaf].parent_id
-    return Checked(document, levels, branch)
+def malformed(index: int, error: ValidationError | ValueError) -> HTTPException:
+    """422 saying where: the conversation's index, the field (none: the tree's own)."""
+    problem = (
+        error.errors()[0] if isinstance(error, ValidationError) else {"msg": error}
+    )
+    where = ".".join(map(str, problem.get("loc", ())))
+    return HTTPException(
+        422, f"conversation {index}, {where}{where and ': '}{problem['msg']}"
+    )
 
 
 def stored_row(record: SQLModel, exclude: set[str], **values: Any) -> dict:
-    row = record.model_dump(exclude=exclude | {"created_at", "updated_at"})
-    times = {
-        key: getattr(record, key).astimezone(UTC)
-        for key in ("created_at", "updated_at")
-    }
-    return {**row, **times, **values}
+    row = record.model_dump(exclude=exclude) | values
+    return row | {t: row[t].astimezone(UTC) for t in ("created_at", "updated_at")}
 
 
-def turn_row(turn: TurnImport, **links: Any) -> dict:
+def turn_row(
+    turn: TurnImport, conversation_id: int, parent_id: int | None, on_branch: bool
+) -> dict:
     failed = {"is_success": False, "status_code": 500} if turn.live else {}
-    return stored_row(turn, {"id", "parent_id", "live"}, **failed, **links)
+    links = {"conversation_id": conversation_id, "parent_id": parent_id}
+    return stored_row(turn, {"id", "live"}, **failed, **links, on_branch=on_branch)
 
 
 async def inserted_ids(
@@ -2007,33 +1962,25 @@ async def inserted_ids(
     return list((await session.exec(query, params=rows)).scalars())
 
 
-async def store_imports(session: AsyncSession, batch: list[Checked]) -> list[int]:
+async def store_imports(session: AsyncSession, batch: list[ExportImport]) -> list[int]:
     """Conversations first, then their turns a depth at a time, each after its parent."""
-    heads = [stored_row(c.document.conversation, {"leaf_id"}) for c in batch]
+    heads = [stored_row(document.conversation, {"leaf_id"}) for document in batch]
     conversation_ids = await inserted_ids(session, Conversation, heads)
+    levels = [document.turn_levels() for document in batch]
+    branches = [document.active_branch() for document in batch]
     new_ids: dict[tuple[int, int | None], int | None] = {}  # (batch index, file's id)
-    for depth in range(max(len(c.levels) for c in batch)):
+    for depth in range(max(map(len, levels))):
         keys, rows = [], []
-        for at, (c, conversation_id) in enumerate(zip(batch, conversation_ids)):
-            for turn in c.levels[depth] if depth < len(c.levels) else []:
+        for at, conversation_id in enumerate(conversation_ids):
+            for turn in levels[at][depth] if depth < len(levels[at]) else []:
                 keys.append((at, turn.id))
                 parent_id = new_ids.get((at, turn.parent_id))
-                on_branch = turn.id in c.branch
-                rows.append(
-                    turn_row(
-                        turn,
-                        conversation_id=conversation_id,
-                        parent_id=parent_id,
-                        on_branch=on_branch,
-                    )
-                )
+                on_branch = turn.id in branches[at]
+                rows.append(turn_row(turn, conversation_id, parent_id, on_branch))
         new_ids.update(zip(keys, await inserted_ids(session, Message, rows)))
     leaves = [
-        {
-            "id": conversation_id,
-            "leaf_id": new_ids.get((at, c.document.conversation.leaf_id)),
-        }
-        for at, (c, conversation_id) in enumerate(zip(batch, conversation_ids))
+        {"id": new_id, "leaf_id": new_ids.get((at, doc.conversation.leaf_id))}
+        for at, (doc, new_id) in enumerate(zip(batch, conversation_ids))
     ]
     await session.exec(update(Conversation), params=leaves)
     return conversation_ids
@@ -2043,7 +1990,7 @@ def our_document(index: int, data: bytes) -> ExportImport:
     try:
         return ExportImport.model_validate_json(data)
     except ValidationError as error:
-        raise validation_problem(index, error) from None
+        raise malformed(index, error) from None
 
 
 def documents_in(body: bytes) -> Iterator[tuple[int, ExportImport]]:
@@ -2068,92 +2015,13 @@ def chatgpt_documents(body: bytes) -> Iterator[tuple[int, ExportImport]]:
     try:
         items = json.loads(body)  # unlike pydantic's parser, it keeps lone surrogates
     except (ValueError, RecursionError) as error:
-        raise ImportProblem(f"The body is not JSON: {error}") from None
+        raise HTTPException(422, f"The body is not JSON: {error}") from None
     for index, item in enumerate(items):
         try:
             chat = ChatGPTConversation.model_validate(item)
         except ValidationError as error:
-            raise validation_problem(index, error) from None
+            raise malformed(index, error) from None
         yield index, from_chatgpt(index, chat)
-
-
-def kept_parents(mapping: dict[str, ChatGPTNode], texts: dict) -> dict[str, str | None]:
-    """Each node's nearest ancestor that is kept (None: none is): skipped nodes' children
-    are attached to it. A chain of skipped nodes is walked once."""
-    above: dict[str, str | None] = {}
-    for start in mapping:
-        path, key = [], start
-        while key not in above:
-            parent = mapping[key].parent
-            if key in path or (parent is not None and parent not in mapping):
-                problem = (
-                    "the parents form a cycle" if key in path else f"no node {parent!r}"
-                )
-                raise ValueError(f"mapping.{key}.parent: {problem}")
-            path.append(key)
-            if parent is None or texts[parent] is not None:
-                break
-            key = parent
-        nearest = parent if key not in above else above[key]
-        above.update(dict.fromkeys(path, nearest))
-    return above
-
-
-def chatgpt_pairs(chat: ChatGPTConversation, above: dict, roles: dict) -> list[tuple]:
-    """(user node, assistant node) per turn: a reply under each prompt (several: sibling
-    turns), None for a missing side."""
-    replies = defaultdict(list)
-    for key, role in roles.items():
-        if role == "assistant" and roles.get(above[key]) == "user":
-            replies[above[key]].append(key)
-    pairs = []
-    for key, role in roles.items():
-        if role == "user":
-            pairs += [(key, reply) for reply in replies[key]] or [(key, None)]
-        elif roles.get(above[key]) != "user":
-            pairs.append((None, key))
-    return pairs
-
-
-def chatgpt_turns(chat: ChatGPTConversation) -> tuple[list[dict], int | None]:
-    """Our turns (ids 1, 2... in the mapping's order) and the leaf's id."""
-    nodes = chat.mapping
-    texts = {k: n.message.kept_text() if n.message else None for k, n in nodes.items()}
-    above = kept_parents(nodes, texts)
-    roles = {
-        k: nodes[k].message.author.role for k, text in texts.items() if text is not None
-    }
-    pairs = chatgpt_pairs(chat, above, roles)
-    turn_of = {}  # node -> the id of its turn (a prompt with several replies: the first)
-    for number, (prompt, reply) in enumerate(pairs, 1):
-        if prompt is not None:
-            turn_of.setdefault(prompt, number)
-        if reply is not None:
-            turn_of[reply] = number
-    turns = []
-    for number, (prompt, reply) in enumerate(pairs, 1):
-        last = nodes[reply if reply is not None else prompt].message
-        turns.append(
-            {
-                "id": number,
-                "parent_id": turn_of.get(
-                    above[prompt if prompt is not None else reply]
-                ),
-                "prompt_content": texts.get(prompt) or "",
-                "response_content": texts.get(reply) or "",
-                "is_success": True,
-                "status_code": 200,
-                "created_at": last.create_time,
-                "updated_at": last.update_time,
-            }
-        )
-    current = chat.current_node
-    if current is not None and current not in nodes:
-        raise ValueError(f"current_node: no node {current!r}")
-    leaf = turn_of.get(
-        current if texts.get(current) is not None else above.get(current)
-    )
-    return turns, leaf
 
 
 def chatgpt_time(seconds: float | None, otherwise: datetime) -> datetime:
@@ -2162,20 +2030,15 @@ def chatgpt_time(seconds: float | None, otherwise: datetime) -> datetime:
 
 def from_chatgpt(index: int, chat: ChatGPTConversation) -> ExportImport:
     try:
-        turns, leaf = chatgpt_turns(chat)
+        turns, leaf = chat.turns()
         created = chatgpt_time(chat.create_time, utc_now())
         updated = chatgpt_time(chat.update_time, created)
         for turn in turns:
             turn["created_at"] = chatgpt_time(turn["created_at"], created)
             turn["updated_at"] = chatgpt_time(turn["updated_at"], updated)
     except (ValueError, OverflowError, OSError) as error:
-        raise ImportProblem(f"conversation {index}, {error}") from None
-    slugs = [
-        (node.message.create_time or 0, node.message.metadata.get("model_slug"))
-        for node in chat.mapping.values()
-        if node.message and isinstance(node.message.metadata.get("model_slug"), str)
-    ]
-    model_type = chat.default_model_slug or max(slugs, default=(0, None))[1]
+        raise malformed(index, ValueError(error)) from None
+    model_type = chat.default_model_slug or chat.newest_model_slug()
     first_prompt = next((t["prompt_content"] for t in turns if t["prompt_content"]), "")
     title = cleaned_text(chat.title or "")[:200].strip() or short_title(first_prompt)
     conversation = {"title": title, "model_type": model_type or settings.default_model}
@@ -2188,44 +2051,32 @@ def from_chatgpt(index: int, chat: ChatGPTConversation) -> ExportImport:
     try:
         return ExportImport.model_validate(document)
     except ValidationError as error:
-        raise validation_problem(index, error) from None
+        raise malformed(index, error) from None
 
 
 # The body is read whole, and refused (413) before that when over MAX_IMPORT_BYTES.
 BODY_LIMITS["/import"] = (settings.max_import_bytes, "MAX_IMPORT_BYTES")
 IMPORT_BATCH_TURNS = 2000  # turns stored together: a statement per depth of their trees
-IMPORT_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "An export object, the NDJSON of GET /export, or ChatGPT's "
-        "conversations.json",
-        "content": {
-            "application/json": {"schema": ExportImport.model_json_schema()},
-            "application/x-ndjson": {"schema": {"type": "string"}},
-        },
-    }
-}
+BODIES = {"application/json": {"schema": ExportImport.model_json_schema()}}
+BODIES["application/x-ndjson"] = {"schema": {"type": "string"}}  # or ChatGPT's array
 
 
 @api.post(
     "/import",
     status_code=201,
-    openapi_extra=IMPORT_BODY,
+    openapi_extra={"requestBody": {"required": True, "content": BODIES}},
     responses={413: {"model": ErrorDetail, "description": "Over MAX_IMPORT_BYTES"}}
     | documented(422, stream=False),
 )
 async def import_conversations(request: Request, session: SessionDep) -> ImportResult:
-    body, ids, batch, turns = await request.body(), [], [], 0
-    try:
-        for index, document in documents_in(body):
-            batch.append(checked(index, document))
-            turns += len(document.messages)
-            if turns >= IMPORT_BATCH_TURNS:
-                ids += await store_imports(session, batch)
-                batch, turns = [], 0
-        ids += await store_imports(session, batch) if batch else []
-    except ImportProblem as problem:
-        raise HTTPException(422, str(problem)) from None
+    ids, batch, turns = [], [], 0
+    for _, document in documents_in(await request.body()):  # a 422 stores nothing
+        batch.append(document)
+        turns += len(document.messages)
+        if turns >= IMPORT_BATCH_TURNS:
+            ids += await store_imports(session, batch)
+            batch, turns = [], 0
+    ids += await store_imports(session, batch) if batch else []
     await session.commit()  # all of it, or (an error above) none
     return ImportResult(conversation_ids=ids)
 

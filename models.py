@@ -1,6 +1,7 @@
 """Tables and API schemas: each SQLModel class is one or the other, sharing fields through a Base."""
 
 import re
+from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -15,7 +16,9 @@ from pydantic import (
     Strict,
     StringConstraints,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 from sqlmodel import Field, Index, SQLModel
 
 INT32_MAX = 2**31 - 1  # ids and counts are INTEGER columns on both databases
@@ -375,6 +378,47 @@ class ExportImport(SQLModel):
     conversation: ConversationImport
     messages: list[TurnImport]
 
+    @model_validator(mode="after")
+    def is_a_tree(self) -> "ExportImport":
+        """Each parent and the leaf are turns of this conversation, each id once, no cycle."""
+        self.turn_levels()
+        leaf = self.conversation.leaf_id
+        if leaf is not None and leaf not in {turn.id for turn in self.messages}:
+            raise PydanticCustomError("tree", f"conversation.leaf_id: no turn {leaf}")
+        return self
+
+    def turn_levels(self) -> list[list[TurnImport]]:
+        """The turns by depth: first turns, then the turns that follow those, and so on."""
+        turns: dict[int | None, TurnImport] = {}
+        for at, turn in enumerate(self.messages):
+            if turns.setdefault(turn.id, turn) is not turn:
+                raise PydanticCustomError("tree", f"messages.{at}.id: {turn.id} twice")
+        depths: dict[int | None, int] = {None: -1}
+        for at, turn in enumerate(self.messages):
+            path, key = [], turn.id
+            while key not in depths:
+                if key in path or key not in turns:
+                    problem = "a cycle of parents" if key in path else f"no turn {key}"
+                    raise PydanticCustomError(
+                        "tree", f"messages.{at}.parent_id: {problem}"
+                    )
+                path.append(key)
+                key = turns[key].parent_id
+            for key in reversed(path):
+                depths[key] = depths[turns[key].parent_id] + 1
+        levels: list[list[TurnImport]] = [[] for _ in range(max(depths.values()) + 1)]
+        for turn in self.messages:
+            levels[depths[turn.id]].append(turn)
+        return levels
+
+    def active_branch(self) -> set[int]:
+        parents = {turn.id: turn.parent_id for turn in self.messages}
+        branch, turn = set(), self.conversation.leaf_id
+        while turn is not None:
+            branch.add(turn)
+            turn = parents[turn]
+        return branch
+
 
 # ChatGPT's conversations.json: a list of conversations, each a tree of nodes in `mapping`.
 # Only what the import uses is read; anything else is ignored.
@@ -414,7 +458,8 @@ class ChatGPTMessage(BaseModel):
         parts = [part for part in self.content.parts if isinstance(part, str)]
         if self.author.role not in ("user", "assistant") or hidden or not to_all:
             return None
-        return cleaned_text("\n".join(parts)) if text and parts else None
+        joined = "\n".join(parts)  # an empty one is skipped too (a placeholder)
+        return cleaned_text(joined) if text and joined else None
 
 
 class ChatGPTNode(BaseModel):
@@ -429,6 +474,83 @@ class ChatGPTConversation(BaseModel):
     mapping: dict[str, ChatGPTNode]
     current_node: str | None = None
     default_model_slug: str | None = None
+
+    def newest_model_slug(self) -> str | None:
+        slugs = [
+            (node.message.create_time or 0, node.message.metadata.get("model_slug"))
+            for node in self.mapping.values()
+            if node.message and isinstance(node.message.metadata.get("model_slug"), str)
+        ]
+        return max(slugs, default=(0, None))[1]
+
+    def kept_parents(self, texts: dict) -> dict[str, str | None]:
+        """Each node's nearest ancestor that is kept (None: none is): skipped nodes'
+        children are attached to it. A chain of skipped nodes is walked once."""
+        above: dict[str, str | None] = {}
+        for start in self.mapping:
+            path, key = [], start
+            while key not in above:
+                parent = self.mapping[key].parent
+                if key in path or (parent is not None and parent not in self.mapping):
+                    problem = (
+                        "a cycle of parents" if key in path else f"no node {parent!r}"
+                    )
+                    raise ValueError(f"mapping.{key}.parent: {problem}")
+                path.append(key)
+                if parent is None or texts[parent] is not None:
+                    break
+                key = parent
+            nearest = parent if key not in above else above[key]
+            above.update(dict.fromkeys(path, nearest))
+        return above
+
+    def pairs(self, above: dict, roles: dict) -> list[tuple[str | None, str | None]]:
+        """(user node, assistant node) of each turn, None for a missing side: a reply under
+        each prompt (several: sibling turns with the same prompt)."""
+        replies = defaultdict(list)
+        for key, role in roles.items():
+            if role == "assistant" and roles.get(above[key]) == "user":
+                replies[above[key]].append(key)
+        pairs = []
+        for key, role in roles.items():
+            if role == "user":
+                pairs += [(key, reply) for reply in replies[key]] or [(key, None)]
+            elif roles.get(above[key]) != "user":
+                pairs.append((None, key))
+        return pairs
+
+    def turns(self) -> tuple[list[dict], int | None]:
+        """Our turns (ids 1, 2... in the mapping's order; times in ChatGPT's seconds, None
+        for none) and the leaf's id."""
+        nodes = self.mapping
+        texts = {
+            k: n.message.kept_text() if n.message else None for k, n in nodes.items()
+        }
+        above = self.kept_parents(texts)
+        kept = {
+            k: nodes[k].message.author.role for k, t in texts.items() if t is not None
+        }
+        pairs = self.pairs(above, kept)
+        turn_of = {}  # node -> the id of its turn (a prompt with several replies: the first)
+        for number, (prompt, reply) in enumerate(pairs, 1):
+            turn_of.setdefault(prompt, number)
+            turn_of[reply] = number
+        turn_of.pop(None, None)  # a side that is missing
+        turns = []
+        for number, (prompt, reply) in enumerate(pairs, 1):
+            last = nodes[reply if reply is not None else prompt].message
+            turns.append({
+                "id": number,
+                "parent_id": turn_of.get(above[prompt if prompt is not None else reply]),
+                "prompt_content": texts.get(prompt) or "",
+                "response_content": texts.get(reply) or "",
+                "is_success": True, "status_code": 200,
+                "created_at": last.create_time, "updated_at": last.update_time,
+            })  # fmt: skip
+        current = self.current_node
+        if current is not None and current not in nodes:
+            raise ValueError(f"current_node: no node {current!r}")
+        return turns, turn_of.get(current if texts.get(current) else above.get(current))
 
 
 class ImportResult(SQLModel):
