@@ -114,7 +114,7 @@ class ConversationUpdate(SQLModel):
     model_config = STRICT
     title: Title | None = None
     model_type: ModelType | None = None
-    leaf_id: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None  # null is a value
+    leaf_id: Id | None = None  # null is a value: the next turn is a first turn
 
     @field_validator("title", "model_type")
     @classmethod
@@ -238,6 +238,12 @@ class GenerateRequest(SQLModel):
 
     prompt: Prompt
     conversation_id: Id | None = None
+
+
+class RegenerateRequest(SQLModel):
+    model_config = STRICT
+
+    prompt: Prompt | None = None  # None: the prompt of the message regenerated
 
 
 class GenerateQuery(GenerateRequest):
