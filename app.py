@@ -1141,7 +1141,6 @@ async def start_sibling(
     message_id: int, prompt: str | None, session: AsyncSession
 ) -> LiveReply:
     """A turn beside message `message_id`, after the same turn: its prompt again, or `prompt`."""
-    refuse_when_busy()
     message = await find_message(message_id, session)
     conversation = await locked_conversation(session, message.conversation_id)
     # Read again under the lock: the turn it follows may have been deleted since.
