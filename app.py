@@ -1852,8 +1852,10 @@ async def list_models() -> dict:
 # newest turns finds a common term's page at once. So the index is asked first only where it
 # can stop early (FTS5), then a window of the newest turns is walked, then the index again.
 
-# Reads that need no snapshot across statements: no BEGIN and ROLLBACK round trips.
-reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+# Reads that need no snapshot across statements: on Postgres no BEGIN and ROLLBACK round
+# trips. (SQLite's driver begins no transaction for a SELECT; switching its mode would cost
+# two trips to aiosqlite's thread.)
+reader = engine if is_sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
 MAX_QUERY_CHARS = 1000
 MAX_TERMS = 32
 TERM = re.compile(r'"([^"]*)"|\S+')  # a quoted phrase, or a run of non-space
