@@ -78,32 +78,32 @@ from models import (
     EXPORT_FORMAT,
     INT32_MAX,
     MAX_TEXT_CHARS,
+    UNSTORABLE,
+    ChatGPTConversation,
     ChatRequest,
     Conversation,
     ConversationCreate,
+    ConversationExport,
     ConversationPublic,
     ConversationReplace,
     ConversationUpdate,
     ErrorDetail,
+    ExportImport,
     GenerateQuery,
     GenerateRequest,
+    ImportResult,
     Message,
     MessageCreate,
     MessagePublic,
-    SearchHit,
-    UNSTORABLE,
-    RegenerateRequest,
     OpenAIErrorBody,
+    RegenerateRequest,
     Sampling,
-    storable_piece,
-    storable_text,
-    ChatGPTConversation,
-    ConversationExport,
-    ExportImport,
-    ImportResult,
+    SearchHit,
     TurnImport,
     cleaned_text,
     iso_timestamp,
+    storable_piece,
+    storable_text,
     utc_now,
 )
 
@@ -2109,10 +2109,12 @@ async def store_imports(session: AsyncSession, batch: list[ExportImport]) -> lis
                 parent_id = new_ids.get((at, turn.parent_id))
                 on_branch = turn.id in branches[at]
                 rows.append(turn_row(turn, conversation_id, parent_id, on_branch))
-        new_ids.update(zip(keys, await inserted_ids(session, Message, rows)))
+        new_ids.update(
+            zip(keys, await inserted_ids(session, Message, rows), strict=True)
+        )
     leaves = [
         {"id": new_id, "leaf_id": new_ids.get((at, doc.conversation.leaf_id))}
-        for at, (doc, new_id) in enumerate(zip(batch, conversation_ids))
+        for at, (doc, new_id) in enumerate(zip(batch, conversation_ids, strict=True))
     ]
     await session.exec(update(Conversation), params=leaves)
     return conversation_ids
