@@ -8,6 +8,8 @@ health. The HTTP API is in README.md.
 import asyncio
 import base64
 import hashlib
+import io
+import itertools
 import json
 import logging
 import re
@@ -19,12 +21,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from html import escape as html_escape
 from ipaddress import ip_address
 from pathlib import Path as FilePath
 from select import select as readable  # the socket kind; queries use sqlmodel's select
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -46,7 +48,7 @@ from fastapi import (
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
 from fastapi_offline import FastAPIOffline
@@ -59,9 +61,13 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import event, exc, func, true
+from sqlalchemy import and_, event, exc, func, insert, true, tuple_
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
+from sqlalchemy import text as sql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import aliased
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import SQLModel, col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -69,23 +75,33 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import (
+    EXPORT_FORMAT,
     INT32_MAX,
     MAX_TEXT_CHARS,
+    UNSTORABLE,
+    ChatGPTConversation,
     ChatRequest,
     Conversation,
     ConversationCreate,
+    ConversationExport,
     ConversationPublic,
     ConversationReplace,
     ConversationUpdate,
     ErrorDetail,
+    ExportImport,
     GenerateQuery,
     GenerateRequest,
+    ImportResult,
     Message,
     MessageCreate,
     MessagePublic,
     OpenAIErrorBody,
     RegenerateRequest,
     Sampling,
+    SearchHit,
+    TurnImport,
+    cleaned_text,
+    iso_timestamp,
     storable_piece,
     storable_text,
     utc_now,
@@ -122,6 +138,7 @@ class Settings(BaseSettings):
     checkpoint_ms: int = Field(default=500, ge=10)
     dead_turn_seconds: float = Field(default=30, ge=3)
     max_live_replies: int = Field(default=100, ge=1)
+    max_import_bytes: int = Field(default=100_000_000, ge=1)
 
     @field_validator("api_key")
     @classmethod
@@ -436,7 +453,7 @@ async def http_error(request: Request, error: StarletteHTTPException) -> JSONRes
     return error_for(request.url.path, error.status_code, error.detail, error.headers)
 
 
-BODY_LIMITS: dict[str, int] = {}  # a path's own limit instead of MAX_BODY_BYTES
+BODY_LIMITS: dict[str, tuple[int, str]] = {}  # a path's own limit, and its setting
 
 
 class LimitBodies:
@@ -449,8 +466,9 @@ class LimitBodies:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = BODY_LIMITS.get(scope["path"], settings.max_body_bytes)
-        message = f"The request body is over {limit:,} bytes (MAX_BODY_BYTES)"
+        default = (settings.max_body_bytes, "MAX_BODY_BYTES")
+        limit, setting = BODY_LIMITS.get(scope["path"], default)
+        message = f"The request body is over {limit:,} bytes ({setting})"
         too_large = error_for(scope["path"], 413, message)
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > limit:
@@ -1782,6 +1800,405 @@ async def list_models() -> dict:
         for name in names
     ]
     return {"object": "list", "data": models}
+
+
+# Search, export and import ---------------------------------------------------------------
+# Search runs in the database, on an index written in the same transaction as each turn, so
+# it never drifts from the turns: on SQLite an FTS5 trigram table, on Postgres a pg_trgm GIN
+# index, both over ended turns only (the "search" migration). An index finds a rare term's
+# few hits at once, but all of a common term's, to be sorted newest first; a walk of the
+# newest turns finds a common term's page at once. So the index is asked first only where it
+# can stop early (FTS5), then a window of the newest turns is walked, then the index again.
+
+# Reads that need no snapshot across statements: on Postgres no BEGIN and ROLLBACK round
+# trips. (SQLite's driver begins no transaction for a SELECT; switching its mode would cost
+# two trips to aiosqlite's thread.)
+reader = engine if is_sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
+MAX_QUERY_CHARS = 1000
+MAX_TERMS = 32
+TERM = re.compile(r'"([^"]*)"|\S+')  # a quoted phrase, or a run of non-space
+WHITESPACE = re.compile(r"\s+")
+SNIPPET_CHARS = 200
+WINDOW_PER_HIT = 10  # turns walked for each hit of the page before the index is asked
+FEW_HITS = 200  # SQLite: fewer in the index, and they are the whole answer
+NEWEST = (col(Message.created_at).desc(), col(Message.id).desc())
+# As the partial indexes say it: SQLAlchemy writes `live = 0` on SQLite, which SQLite does
+# not see implies `NOT live`, and then uses neither index.
+ENDED = sql("NOT messages.live")
+
+
+def search_terms(q: Annotated[str, Query(max_length=MAX_QUERY_CHARS)]) -> list[str]:
+    """`q` split at whitespace, quoted phrases kept whole, `""` ignored; no term: `q` itself."""
+    if not q.strip():
+        raise HTTPException(422, "q must hold something to find")
+    found = (
+        m.group(1) if m.group(1) is not None else m.group() for m in TERM.finditer(q)
+    )
+    terms = list(dict.fromkeys(term for term in found if term)) or [q]
+    if len(terms) > MAX_TERMS:
+        raise HTTPException(422, f"q may hold at most {MAX_TERMS} different terms")
+    return terms
+
+
+def holds(column: Any, term: str) -> Any:
+    """`term` occurs in the column, ASCII case ignored; LIKE's wildcards are only text."""
+    pattern = "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
+    # SQLite's LIKE ignores ASCII case; SQLAlchemy's ilike() there would lower() every text.
+    like = column.like if is_sqlite else column.ilike
+    return like(pattern, escape="\\")
+
+
+def turn_holds(turn: Any, terms: list[str]) -> Any:
+    """Every term in the prompt or the reply, not necessarily the same one."""
+    held = (
+        holds(turn.prompt_content, t) | holds(turn.response_content, t) for t in terms
+    )
+    return and_(*held)
+
+
+def fts_rowids(terms: list[str]) -> Any:
+    """SQLite: the turns the FTS5 index holds every term of 3 characters or more in (a
+    trigram needs 3: shorter terms are checked on each turn, and alone make a scan)."""
+    phrases = ['"' + t.replace('"', '""') + '"' for t in terms if len(t) >= 3]
+    if not is_sqlite or not phrases:
+        return None
+    fts = select(sa_column("rowid")).select_from(sa_table("messages_fts"))
+    return fts.where(
+        sql("messages_fts MATCH :match").bindparams(match=" AND ".join(phrases))
+    )
+
+
+async def turn_hits(
+    session: AsyncSession, terms: list[str], skip: int, take: int
+) -> list[tuple[Message, Conversation]]:
+    async def page(turn: Any, *narrowed: Any) -> list[tuple[Message, Conversation]]:
+        query = select(turn, Conversation).join(
+            Conversation, col(Conversation.id) == turn.conversation_id
+        )
+        query = query.where(*narrowed, turn_holds(turn, terms))
+        order = (col(turn.created_at).desc(), col(turn.id).desc())
+        return (
+            await session.exec(query.order_by(*order).offset(skip).limit(take))
+        ).all()
+
+    indexed = fts_rowids(terms)
+    if indexed is not None:  # FTS5 stops at a LIMIT: a rare term's hits come at once
+        few = (await session.exec(indexed.limit(FEW_HITS))).all()
+        if len(few) < FEW_HITS:
+            return await page(Message, col(Message.id).in_(few))
+    # Without a term of 3 characters no index helps: on Postgres larger windows before a
+    # scan (SQLite's plan for the last query below walks the turns newest first itself).
+    first = min(5000, WINDOW_PER_HIT * (skip + take))
+    walk = is_sqlite or any(len(term) >= 3 for term in terms)
+    for size in (first,) if walk else (first, 8 * first, 64 * first):
+        window = select(Message).where(ENDED).order_by(*NEWEST).limit(size)
+        newest = await page(aliased(Message, window.subquery()))
+        if len(newest) == take:  # the page's hits are all among the newest turns
+            return newest
+    # On Postgres the planner takes the GIN index for turn_holds() itself.
+    in_the_index = true() if indexed is None else col(Message.id).in_(indexed)
+    return await page(Message, ENDED, in_the_index)
+
+
+def snippet(text: str, found: re.Pattern) -> str | None:
+    """At most SNIPPET_CHARS around the first match, whitespace made single spaces."""
+    match = found.search(text)
+    if match is None:
+        return None
+    start = match.start()
+    length = len(WHITESPACE.sub(" ", match.group()))
+    before = WHITESPACE.sub(" ", text[max(0, start - SNIPPET_CHARS) : start])
+    lead = (
+        before[len(before) - max(0, SNIPPET_CHARS - length) // 2 :]
+        if length < SNIPPET_CHARS
+        else ""
+    )
+    rest = WHITESPACE.sub(" ", text[start : start + 2 * SNIPPET_CHARS])
+    return (lead + rest)[:SNIPPET_CHARS].strip()
+
+
+@api.get("/search")
+async def search(
+    terms: Annotated[list[str], Depends(search_terms)],
+    skip: Skip = 0,
+    take: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> list[SearchHit]:
+    if any(UNSTORABLE.search(term) for term in terms):
+        return []  # no stored text holds a NUL or a lone surrogate
+    async with AsyncSession(reader) as session:
+        return await hits_for(session, terms, skip, take)
+
+
+async def hits_for(
+    session: AsyncSession, terms: list[str], skip: int, take: int
+) -> list[SearchHit]:
+    titled = and_(*(holds(Conversation.title, term) for term in terms))
+    query = (
+        select(Conversation)
+        .where(titled)
+        .order_by(col(Conversation.updated_at).desc(), col(Conversation.id).desc())
+    )
+    titles = (await session.exec(query.offset(skip).limit(take))).all()
+    titles_found = skip + len(titles)  # when the page of titles has room left
+    if skip and not titles:  # the page is past the titles: how many were there?
+        titles_found = (await session.exec(select(func.count()).where(titled))).one()
+    hits = [SearchHit(conversation=c, message=None, snippet=c.title) for c in titles]
+    if len(hits) < take:
+        turns = await turn_hits(
+            session, terms, max(0, skip - titles_found), take - len(hits)
+        )
+        found = re.compile("|".join(map(re.escape, terms)), re.IGNORECASE)
+        for turn, conversation in turns:
+            shown = snippet(turn.prompt_content, found) or snippet(
+                turn.response_content, found
+            )
+            hits.append(
+                SearchHit(conversation=conversation, message=turn, snippet=shown or "")
+            )
+    return hits
+
+
+# Export and import: a conversation is one object (format chat-backend/1) with every turn of
+# every branch; GET /export streams one per line (NDJSON), a conversation read at a time, so
+# its memory does not grow with the database. POST /import takes that back, or ChatGPT's data
+# export mapped to it, in one transaction: all of it is stored, or nothing.
+
+
+async def conversation_export(
+    session: AsyncSession, conversation_id: int
+) -> ConversationExport | None:
+    # One statement: the conversation and its turns are one snapshot on either database.
+    query = (
+        select(Conversation, Message)
+        .outerjoin(Message, col(Message.conversation_id) == Conversation.id)
+        .where(Conversation.id == conversation_id)
+        .order_by(col(Message.created_at), col(Message.id))
+    )
+    rows = (await session.exec(query)).all()
+    if not rows:
+        return None
+    turns = [MessagePublic.model_validate(turn) for _, turn in rows if turn is not None]
+    conversation = ConversationPublic.model_validate(rows[0][0])
+    return ConversationExport(conversation=conversation, messages=turns)
+
+
+def markdown(export: ConversationExport) -> str:
+    """The active branch, for reading: texts as they are, neither escaped nor fenced."""
+    conversation, by_id = export.conversation, {t.id: t for t in export.messages}
+    branch, turn = [], by_id.get(conversation.leaf_id)
+    while turn is not None and len(branch) < len(by_id):
+        branch.append(turn)
+        turn = by_id.get(turn.parent_id)
+    lines = ["# " + re.sub(r"\r\n|\r|\n", " ", conversation.title), ""]
+    for turn in reversed(branch):
+        lines += ["## User", "", turn.prompt_content, "", "## Assistant", ""]
+        lines += [turn.response_content, ""]
+    lines += [f"Model: {conversation.model_type}"]
+    lines += [f"Created: {iso_timestamp(conversation.created_at)}"]
+    return "\n".join([*lines, f"Updated: {iso_timestamp(conversation.updated_at)}", ""])
+
+
+@api.get(
+    "/conversations/{conversation_id}/export",
+    response_model=ConversationExport,
+    responses={
+        200: {"content": {"text/markdown": {}}},
+        **documented(404, stream=False),
+    },
+)
+async def export_conversation(
+    conversation_id: ConversationId,
+    session: SessionDep,
+    format: Literal["json", "markdown"] = "json",
+) -> Response:
+    export = await conversation_export(session, conversation_id)
+    if export is None:
+        raise HTTPException(404, "Conversation not found")
+    if format == "markdown":
+        return Response(markdown(export), media_type="text/markdown; charset=utf-8")
+    return Response(export.model_dump_json(), media_type="application/json")
+
+
+async def export_lines(page_size: int = 100) -> AsyncIterator[bytes]:
+    """Oldest conversation first; a session per read, so no connection is held between."""
+    after, oldest = None, (col(Conversation.created_at), col(Conversation.id))
+    while True:
+        query = select(Conversation.created_at, Conversation.id).order_by(*oldest)
+        if after is not None:
+            query = query.where(tuple_(*oldest) > tuple_(*after))
+        async with AsyncSession(reader) as session:
+            page = (await session.exec(query.limit(page_size))).all()
+        for _, conversation_id in page:
+            async with AsyncSession(reader) as session:
+                export = await conversation_export(session, conversation_id)
+            if export is not None:  # else deleted meanwhile
+                yield export.model_dump_json().encode() + b"\n"
+        if len(page) < page_size:
+            return
+        after = page[-1]
+
+
+@api.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+async def export_everything() -> StreamingResponse:
+    return StreamingResponse(export_lines(), media_type="application/x-ndjson")
+
+
+def malformed(index: int, error: ValidationError | ValueError) -> HTTPException:
+    """422 saying where: the conversation's index, the field (none: the tree's own)."""
+    problem = (
+        error.errors()[0] if isinstance(error, ValidationError) else {"msg": error}
+    )
+    where = ".".join(map(str, problem.get("loc", ())))
+    return HTTPException(
+        422, f"conversation {index}, {where}{where and ': '}{problem['msg']}"
+    )
+
+
+def stored_row(record: SQLModel, exclude: set[str], **values: Any) -> dict:
+    row = record.model_dump(exclude=exclude) | values
+    return row | {t: row[t].astimezone(UTC) for t in ("created_at", "updated_at")}
+
+
+def turn_row(
+    turn: TurnImport, conversation_id: int, parent_id: int | None, on_branch: bool
+) -> dict:
+    failed = {"is_success": False, "status_code": 500} if turn.live else {}
+    links = {"conversation_id": conversation_id, "parent_id": parent_id}
+    return stored_row(turn, {"id", "live"}, **failed, **links, on_branch=on_branch)
+
+
+async def inserted_ids(
+    session: AsyncSession, table: type[SQLModel], rows: list
+) -> list:
+    if not rows:
+        return []
+    query = insert(table).returning(table.id, sort_by_parameter_order=True)
+    return list((await session.exec(query, params=rows)).scalars())
+
+
+async def store_imports(session: AsyncSession, batch: list[ExportImport]) -> list[int]:
+    """Conversations first, then their turns a depth at a time, each after its parent."""
+    heads = [stored_row(document.conversation, {"leaf_id"}) for document in batch]
+    conversation_ids = await inserted_ids(session, Conversation, heads)
+    levels = [document.turn_levels() for document in batch]
+    branches = [document.active_branch() for document in batch]
+    new_ids: dict[tuple[int, int | None], int | None] = {}  # (batch index, file's id)
+    for depth in range(max(map(len, levels))):
+        keys, rows = [], []
+        for at, conversation_id in enumerate(conversation_ids):
+            for turn in levels[at][depth] if depth < len(levels[at]) else []:
+                keys.append((at, turn.id))
+                parent_id = new_ids.get((at, turn.parent_id))
+                on_branch = turn.id in branches[at]
+                rows.append(turn_row(turn, conversation_id, parent_id, on_branch))
+        new_ids.update(
+            zip(keys, await inserted_ids(session, Message, rows), strict=True)
+        )
+    leaves = [
+        {"id": new_id, "leaf_id": new_ids.get((at, doc.conversation.leaf_id))}
+        for at, (doc, new_id) in enumerate(zip(batch, conversation_ids, strict=True))
+    ]
+    await session.exec(update(Conversation), params=leaves)
+    return conversation_ids
+
+
+def our_document(index: int, data: bytes) -> ExportImport:
+    try:
+        return ExportImport.model_validate_json(data)
+    except ValidationError as error:
+        raise malformed(index, error) from None
+
+
+def documents_in(body: bytes) -> Iterator[tuple[int, ExportImport]]:
+    """ChatGPT's array; our NDJSON, a line at a time; or one export object, whole."""
+    if re.match(rb"\s*\[", body):
+        yield from chatgpt_documents(body)
+        return
+    lines = (line for line in io.BytesIO(body) if line.strip())
+    first = next(lines, b"")
+    try:
+        one_per_line = isinstance(json.loads(first), dict)
+    except (ValueError, RecursionError):
+        one_per_line = False
+    if not one_per_line:
+        yield 0, our_document(0, body)
+        return
+    for index, line in enumerate(itertools.chain([first], lines)):
+        yield index, our_document(index, line)
+
+
+def chatgpt_documents(body: bytes) -> Iterator[tuple[int, ExportImport]]:
+    try:
+        items = json.loads(body)  # unlike pydantic's parser, it keeps lone surrogates
+    except (ValueError, RecursionError) as error:
+        raise HTTPException(422, f"The body is not JSON: {error}") from None
+    for index, item in enumerate(items):
+        try:
+            chat = ChatGPTConversation.model_validate(item)
+        except ValidationError as error:
+            raise malformed(index, error) from None
+        yield index, from_chatgpt(index, chat)
+
+
+def chatgpt_time(seconds: float | None, otherwise: datetime) -> datetime:
+    return otherwise if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def from_chatgpt(index: int, chat: ChatGPTConversation) -> ExportImport:
+    try:
+        turns, leaf = chat.turns()
+        created = chatgpt_time(chat.create_time, utc_now())
+        updated = chatgpt_time(chat.update_time, created)
+        for turn in turns:
+            turn["created_at"] = chatgpt_time(turn["created_at"], created)
+            turn["updated_at"] = chatgpt_time(turn["updated_at"], updated)
+    except (ValueError, OverflowError, OSError) as error:
+        raise malformed(index, ValueError(error)) from None
+    model_type = chat.default_model_slug or chat.newest_model_slug()
+    first_prompt = next((t["prompt_content"] for t in turns if t["prompt_content"]), "")
+    title = cleaned_text(chat.title or "")[:200].strip() or short_title(first_prompt)
+    conversation = {"title": title, "model_type": model_type or settings.default_model}
+    conversation |= {"leaf_id": leaf, "created_at": created, "updated_at": updated}
+    document = {
+        "format": EXPORT_FORMAT,
+        "conversation": conversation,
+        "messages": turns,
+    }
+    try:
+        return ExportImport.model_validate(document)
+    except ValidationError as error:
+        raise malformed(index, error) from None
+
+
+# The body is read whole, and refused (413) before that when over MAX_IMPORT_BYTES.
+BODY_LIMITS["/import"] = (settings.max_import_bytes, "MAX_IMPORT_BYTES")
+IMPORT_BATCH_TURNS = 2000  # turns stored together: a statement per depth of their trees
+BODIES = {"application/json": {"schema": ExportImport.model_json_schema()}}
+BODIES["application/x-ndjson"] = {"schema": {"type": "string"}}  # or ChatGPT's array
+
+
+@api.post(
+    "/import",
+    status_code=201,
+    openapi_extra={"requestBody": {"required": True, "content": BODIES}},
+    responses={413: {"model": ErrorDetail, "description": "Over MAX_IMPORT_BYTES"}}
+    | documented(422, stream=False),
+)
+async def import_conversations(request: Request, session: SessionDep) -> ImportResult:
+    ids, batch, turns = [], [], 0
+    for _, document in documents_in(await request.body()):  # a 422 stores nothing
+        batch.append(document)
+        turns += len(document.messages)
+        if turns >= IMPORT_BATCH_TURNS:
+            ids += await store_imports(session, batch)
+            batch, turns = [], 0
+    ids += await store_imports(session, batch) if batch else []
+    await session.commit()  # all of it, or (an error above) none
+    return ImportResult(conversation_ids=ids)
 
 
 app.include_router(api)

@@ -1,18 +1,24 @@
 """Tables and API schemas: each SQLModel class is one or the other, sharing fields through a Base."""
 
 import re
+from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     PlainSerializer,
+    Strict,
     StringConstraints,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 from sqlmodel import Field, Index, SQLModel
 
 INT32_MAX = 2**31 - 1  # ids and counts are INTEGER columns on both databases
@@ -176,6 +182,15 @@ class Message(MessageBase, table=True):
             postgresql_where=sa.text("path_hash IS NOT NULL"),
             sqlite_where=sa.text("path_hash IS NOT NULL"),
         ),
+        # Ended turns newest first: a search walks it (see "Search" in app.py). The
+        # search index itself is the migration's alone (migrations/env.py leaves it out).
+        Index(
+            "ix_messages_ended_created_at_id",
+            "created_at",
+            "id",
+            postgresql_where=sa.text("NOT live"),
+            sqlite_where=sa.text("NOT live"),
+        ),
         # Live turns whose process died (silent since...): only live rows are in it.
         Index(
             "ix_messages_live_updated_at",
@@ -327,3 +342,232 @@ class OpenAIError(SQLModel):
 
 class OpenAIErrorBody(SQLModel):
     error: OpenAIError
+
+
+# Search, export and import ---------------------------------------------------------------
+
+
+class SearchHit(SQLModel):
+    conversation: ConversationPublic
+    message: MessagePublic | None  # None: a title hit
+    snippet: str
+
+
+EXPORT_FORMAT = "chat-backend/1"
+
+
+class ConversationExport(SQLModel):
+    """GET /conversations/{id}/export: every turn of every branch, oldest first."""
+
+    format: Literal["chat-backend/1"] = EXPORT_FORMAT
+    conversation: ConversationPublic
+    messages: list[MessagePublic]
+
+
+# A datetime is text in JSON: strict mode would refuse it (SQLModel validates JSON as Python).
+ImportedTime = Annotated[AwareDatetime, Strict(False)]
+
+# An import reads our export back (strict, as every JSON body), and ChatGPT's data export is
+# mapped to the same shapes, so both pass the same checks. Ids are the file's own: they link
+# turns to their parents and the leaf, and the stored rows get new ones.
+
+
+class TurnImport(MessageBase):
+    model_config = STRICT
+    id: int
+    parent_id: int | None = None
+    live: bool = False
+    created_at: ImportedTime
+    updated_at: ImportedTime
+
+
+class ConversationImport(ConversationBase):
+    model_config = STRICT
+    leaf_id: int | None = None
+    created_at: ImportedTime
+    updated_at: ImportedTime
+
+
+class ExportImport(SQLModel):
+    model_config = STRICT
+    format: Literal["chat-backend/1"]
+    conversation: ConversationImport
+    messages: list[TurnImport]
+
+    @model_validator(mode="after")
+    def is_a_tree(self) -> "ExportImport":
+        """Each parent and the leaf are turns of this conversation, each id once, no cycle."""
+        self.turn_levels()
+        leaf = self.conversation.leaf_id
+        if leaf is not None and leaf not in {turn.id for turn in self.messages}:
+            raise PydanticCustomError("tree", f"conversation.leaf_id: no turn {leaf}")
+        return self
+
+    def turn_levels(self) -> list[list[TurnImport]]:
+        """The turns by depth: first turns, then the turns that follow those, and so on."""
+        turns: dict[int | None, TurnImport] = {}
+        for at, turn in enumerate(self.messages):
+            if turns.setdefault(turn.id, turn) is not turn:
+                raise PydanticCustomError("tree", f"messages.{at}.id: {turn.id} twice")
+        depths: dict[int | None, int] = {None: -1}
+        for at, turn in enumerate(self.messages):
+            path, key = [], turn.id
+            while key not in depths:
+                if key in path or key not in turns:
+                    problem = "a cycle of parents" if key in path else f"no turn {key}"
+                    raise PydanticCustomError(
+                        "tree", f"messages.{at}.parent_id: {problem}"
+                    )
+                path.append(key)
+                key = turns[key].parent_id
+            for key in reversed(path):
+                depths[key] = depths[turns[key].parent_id] + 1
+        levels: list[list[TurnImport]] = [[] for _ in range(max(depths.values()) + 1)]
+        for turn in self.messages:
+            levels[depths[turn.id]].append(turn)
+        return levels
+
+    def active_branch(self) -> set[int]:
+        parents = {turn.id: turn.parent_id for turn in self.messages}
+        branch, turn = set(), self.conversation.leaf_id
+        while turn is not None:
+            branch.add(turn)
+            turn = parents[turn]
+        return branch
+
+
+# ChatGPT's conversations.json: a list of conversations, each a tree of nodes in `mapping`.
+# Only what the import uses is read; anything else is ignored.
+
+
+def cleaned_text(value: str) -> str:
+    """ChatGPT's text is taken as it comes: what no message can hold is replaced or cut."""
+    return storable_piece(value)[:MAX_TEXT_CHARS]
+
+
+class ChatGPTAuthor(BaseModel):
+    role: str
+
+
+class ChatGPTContent(BaseModel):
+    content_type: str
+    parts: list[object] = []
+
+
+class ChatGPTMessage(BaseModel):
+    author: ChatGPTAuthor
+    content: ChatGPTContent
+    create_time: float | None = None
+    update_time: float | None = None
+    weight: float = 1.0
+    recipient: str | None = "all"
+    metadata: dict = {}
+
+    def kept_text(self) -> str | None:
+        """The text of a user message or an assistant's reply; None for what is skipped:
+        system and tool messages, hidden ones, tool calls, content that is not text."""
+        hidden = self.weight == 0 or self.metadata.get(
+            "is_visually_hidden_from_conversation"
+        )
+        to_all = self.author.role == "user" or self.recipient in (None, "all")
+        text = self.content.content_type in ("text", "multimodal_text")
+        parts = [part for part in self.content.parts if isinstance(part, str)]
+        if self.author.role not in ("user", "assistant") or hidden or not to_all:
+            return None
+        joined = "\n".join(parts)  # an empty one is skipped too (a placeholder)
+        return cleaned_text(joined) if text and joined else None
+
+
+class ChatGPTNode(BaseModel):
+    message: ChatGPTMessage | None = None
+    parent: str | None = None  # authoritative: `children` may be missing
+
+
+class ChatGPTConversation(BaseModel):
+    title: str | None = None
+    create_time: float | None = None
+    update_time: float | None = None
+    mapping: dict[str, ChatGPTNode]
+    current_node: str | None = None
+    default_model_slug: str | None = None
+
+    def newest_model_slug(self) -> str | None:
+        slugs = [
+            (node.message.create_time or 0, node.message.metadata.get("model_slug"))
+            for node in self.mapping.values()
+            if node.message and isinstance(node.message.metadata.get("model_slug"), str)
+        ]
+        return max(slugs, default=(0, None))[1]
+
+    def kept_parents(self, texts: dict) -> dict[str, str | None]:
+        """Each node's nearest ancestor that is kept (None: none is): skipped nodes'
+        children are attached to it. A chain of skipped nodes is walked once."""
+        above: dict[str, str | None] = {}
+        for start in self.mapping:
+            path, key = [], start
+            while key not in above:
+                parent = self.mapping[key].parent
+                if key in path or (parent is not None and parent not in self.mapping):
+                    problem = (
+                        "a cycle of parents" if key in path else f"no node {parent!r}"
+                    )
+                    raise ValueError(f"mapping.{key}.parent: {problem}")
+                path.append(key)
+                if parent is None or texts[parent] is not None:
+                    break
+                key = parent
+            nearest = parent if key not in above else above[key]
+            above.update(dict.fromkeys(path, nearest))
+        return above
+
+    def pairs(self, above: dict, roles: dict) -> list[tuple[str | None, str | None]]:
+        """(user node, assistant node) of each turn, None for a missing side: a reply under
+        each prompt (several: sibling turns with the same prompt)."""
+        replies = defaultdict(list)
+        for key, role in roles.items():
+            if role == "assistant" and roles.get(above[key]) == "user":
+                replies[above[key]].append(key)
+        pairs = []
+        for key, role in roles.items():
+            if role == "user":
+                pairs += [(key, reply) for reply in replies[key]] or [(key, None)]
+            elif roles.get(above[key]) != "user":
+                pairs.append((None, key))
+        return pairs
+
+    def turns(self) -> tuple[list[dict], int | None]:
+        """Our turns (ids 1, 2... in the mapping's order; times in ChatGPT's seconds, None
+        for none) and the leaf's id."""
+        nodes = self.mapping
+        texts = {
+            k: n.message.kept_text() if n.message else None for k, n in nodes.items()
+        }
+        above = self.kept_parents(texts)
+        kept = {
+            k: nodes[k].message.author.role for k, t in texts.items() if t is not None
+        }
+        pairs = self.pairs(above, kept)
+        turn_of = {}  # node -> the id of its turn (a prompt with several replies: the first)
+        for number, (prompt, reply) in enumerate(pairs, 1):
+            turn_of.setdefault(prompt, number)
+            turn_of[reply] = number
+        turn_of.pop(None, None)  # a side that is missing
+        turns = []
+        for number, (prompt, reply) in enumerate(pairs, 1):
+            last = nodes[reply if reply is not None else prompt].message
+            turns.append({
+                "id": number,
+                "parent_id": turn_of.get(above[prompt if prompt is not None else reply]),
+                "prompt_content": texts.get(prompt) or "",
+                "response_content": texts.get(reply) or "",
+                "is_success": True, "status_code": 200,
+                "created_at": last.create_time, "updated_at": last.update_time,
+            })  # fmt: skip
+        current = self.current_node
+        if current is not None and current not in nodes:
+            raise ValueError(f"current_node: no node {current!r}")
+        return turns, turn_of.get(current if texts.get(current) else above.get(current))
+
+
+class ImportResult(SQLModel):
+    conversation_ids: list[int]  # the new conversations, in the body's order

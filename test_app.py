@@ -76,6 +76,7 @@ SETTINGS = [
     "DEAD_TURN_SECONDS",
     "MAX_LIVE_REPLIES",
     "CORS_ORIGINS",
+    "MAX_IMPORT_BYTES",
     "ALLOWED_HOSTS",
     "MAX_BODY_BYTES",
 ]
@@ -5053,3 +5054,819 @@ def test_the_page_sends_after_the_branch_it_shows(
     expect(last_reply(page)).to_have_text("after q1")
     expect(page.locator(".turn").nth(1).locator(".counter")).to_have_text("2/2")
     assert branch(service, conversation["id"]) == ["q1", "after q1"]
+
+
+# Search, export and import ---------------------------------------------------------------
+
+
+def marker() -> str:
+    """A word no other test's text holds, so a search sees only this test's turns."""
+    return f"mk{uuid.uuid4().hex[:10]}"
+
+
+def search(client: httpx.Client, q: str, **params: object) -> list[dict]:
+    response = client.get("/search", params={"q": q, **params})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def found_turns(client: httpx.Client, q: str, **params: object) -> list[int]:
+    return [
+        hit["message"]["id"] for hit in search(client, q, **params) if hit["message"]
+    ]
+
+
+def test_search_finds_turns_by_prompt_or_reply_substrings_and_conversations_by_title(
+    client: httpx.Client,
+) -> None:
+    word = marker()
+    titled = new_conversation(client, title=f"Notes on x{word}y")
+    other = new_conversation(client)
+    asked = add_message(client, other["id"], prompt_content=f"about{word}s?")
+    answered = add_message(client, other["id"], response_content=f"see {word.upper()}")
+    hits = search(client, word)
+    assert [(h["conversation"]["id"], h["message"]) for h in hits[:1]] == [
+        (titled["id"], None)
+    ]
+    assert hits[0]["snippet"] == f"Notes on x{word}y"
+    assert [h["message"]["id"] for h in hits[1:]] == [answered["id"], asked["id"]]
+    assert hits[1]["conversation"]["id"] == other["id"]
+
+
+def test_search_terms_may_be_split_between_prompt_and_reply_and_all_must_occur(
+    client: httpx.Client,
+) -> None:
+    one, two = marker(), marker()
+    conversation = new_conversation(client)
+    both = add_message(
+        client, conversation["id"], prompt_content=one, response_content=two
+    )
+    add_message(client, conversation["id"], prompt_content=one, response_content="-")
+    assert found_turns(client, f"{one} {two}") == [both["id"]]
+    assert found_turns(client, f"{two.upper()} {one}") == [both["id"]]
+
+
+def test_a_quoted_phrase_is_one_term_with_its_spaces(client: httpx.Client) -> None:
+    word = marker()
+    conversation = new_conversation(client)
+    phrase = add_message(client, conversation["id"], prompt_content=f"{word} new york")
+    add_message(client, conversation["id"], prompt_content=f"{word} york is new")
+    assert found_turns(client, f'{word} "new york"') == [phrase["id"]]
+    assert len(found_turns(client, f"{word} new york")) == 2
+    assert len(found_turns(client, f'{word} ""')) == 2  # an empty phrase is ignored
+
+
+@pytest.mark.parametrize(
+    "q",
+    ["", "   \n\t", "x" * 1001, "y" * 5000, " ".join(f"t{i}" for i in range(33))],
+    ids=["empty", "whitespace", "1001-chars", "5000-chars", "33-terms"],
+)
+def test_search_refuses_an_empty_or_too_long_q_or_too_many_terms(
+    client: httpx.Client, q: str
+) -> None:
+    response = client.get("/search", params={"q": q})
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+def test_thirty_two_terms_and_a_thousand_characters_are_searched(
+    client: httpx.Client,
+) -> None:
+    words = [marker() for _ in range(32)]
+    turn = add_message(
+        client, new_conversation(client)["id"], prompt_content=" ".join(words)
+    )
+    assert found_turns(client, " ".join(words)) == [turn["id"]]
+    assert search(client, words[0] + "z" * (1000 - len(words[0]))) == []
+
+
+@pytest.mark.parametrize(
+    "text, q",
+    [
+        ("东京的天气今天很好", "天气今天"),
+        ("日本語のテキストを検索します", "テキスト"),
+        ("日本語のテキストを検索します", "検索"),
+        ("a short ab term", "ab"),
+        ("party 🎉🎉 time", "🎉"),
+        ("Ünïcode café", "café"),
+    ],
+    ids=[
+        "chinese",
+        "japanese",
+        "japanese-2-chars",
+        "latin-2-chars",
+        "emoji",
+        "accents",
+    ],
+)
+def test_search_finds_substrings_in_any_script_and_short_terms(
+    client: httpx.Client, text: str, q: str
+) -> None:
+    word = marker()
+    turn = add_message(
+        client, new_conversation(client)["id"], prompt_content=f"{word} {text}"
+    )
+    assert found_turns(client, f"{word} {q}") == [turn["id"]]
+
+
+def test_accents_are_not_folded(client: httpx.Client) -> None:
+    word = marker()
+    add_message(client, new_conversation(client)["id"], prompt_content=f"{word} café")
+    assert found_turns(client, f"{word} cafe") == []
+
+
+HOSTILE = [
+    '"',
+    '"unpaired',
+    "*",
+    "%",
+    "_",
+    "\\",
+    "' OR 1=1 --",
+    "NEAR(",
+    "AND OR NOT",
+    "a* OR b:c ^d -e",
+    "'; DROP TABLE messages; --",
+    "%_\\%",
+    '"""',
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_operators_wildcards_and_sql_in_q_are_only_text_to_find(
+    client: httpx.Client, hostile: str
+) -> None:
+    word = marker()
+    conversation = new_conversation(client)
+    literal = add_message(
+        client, conversation["id"], prompt_content=f"{word} has {hostile} inside"
+    )
+    add_message(client, conversation["id"], prompt_content=f"{word} zzz")
+    assert found_turns(client, f"{word} {hostile}") == [literal["id"]]
+    assert client.get("/search", params={"q": hostile}).status_code == 200
+
+
+def test_a_live_reply_is_found_only_once_its_turn_ends(client: httpx.Client) -> None:
+    word = marker()
+    conversation = new_conversation(client, model_type="fake:pieces=6:gap_ms=300")
+    body = {"prompt": f"slow {word}", "conversation_id": conversation["id"]}
+    with client.stream("POST", "/text/generate/stream", json=body) as response:
+        events = iter_events(response)
+        message_id = next(events)[1]["message_id"]
+        next(events)  # a piece: the reply is under way, and checkpointed
+        assert search(client, word) == []
+        assert found_turns(client, f"{word} w0") == []
+        assert [name for name, _ in events][-1] == "done"
+    assert found_turns(client, f"{word} w5") == [message_id]
+
+
+def test_search_sees_a_put_and_a_delete_at_once(client: httpx.Client) -> None:
+    before, after = marker(), marker()
+    conversation = new_conversation(client)
+    turn = add_message(client, conversation["id"], prompt_content=before)
+    assert found_turns(client, before) == [turn["id"]]
+    body = {"prompt_content": after, "response_content": "changed"}
+    assert client.put(f"/messages/{turn['id']}", json=body).status_code == 202
+    assert (found_turns(client, before), found_turns(client, after)) == (
+        [],
+        [turn["id"]],
+    )
+    assert client.delete(f"/messages/{turn['id']}").status_code == 204
+    assert found_turns(client, after) == []
+    titled = new_conversation(client, title=f"title {before}")
+    client.put(
+        f"/conversations/{titled['id']}", json={"title": "plain", "model_type": "echo"}
+    )
+    assert search(client, before) == []
+
+
+def test_search_pages_titles_first_then_turns_newest_first(
+    client: httpx.Client,
+) -> None:
+    word = marker()
+    older = new_conversation(client, title=f"older {word}")
+    newer = new_conversation(client, title=f"newer {word}")
+    conversation = new_conversation(client)
+    turns = [
+        add_message(client, conversation["id"], prompt_content=f"{word} {i}")
+        for i in range(5)
+    ]
+    expected = [(newer["id"], None), (older["id"], None)]
+    expected += [(conversation["id"], t["id"]) for t in reversed(turns)]
+    hits = search(client, word, take=100)
+    assert [
+        (h["conversation"]["id"], h["message"] and h["message"]["id"]) for h in hits
+    ] == expected
+    pages = [search(client, word, skip=skip, take=3) for skip in (0, 3, 6)]
+    assert [h for page in pages for h in page] == hits
+    assert client.get("/search", params={"q": word, "take": 101}).status_code == 422
+    assert client.get("/search", params={"q": word, "skip": -1}).status_code == 422
+
+
+def test_a_snippet_is_at_most_200_characters_around_the_first_match_in_one_line(
+    client: httpx.Client,
+) -> None:
+    word = marker()
+    prompt = "lead\n\n  words " * 40 + f"{word}\tafter\n" + "tail " * 100
+    turn = add_message(
+        client,
+        new_conversation(client)["id"],
+        prompt_content=prompt,
+        response_content=f"{word} in the reply",
+    )
+    [hit] = search(client, word)
+    assert hit["message"]["id"] == turn["id"]
+    assert len(hit["snippet"]) <= 200 and f"{word} after" in hit["snippet"]
+    assert "\n" not in hit["snippet"] and "  " not in hit["snippet"]
+    assert hit["snippet"].startswith("words") or hit["snippet"].startswith("lead")
+    only_reply = add_message(
+        client,
+        new_conversation(client)["id"],
+        prompt_content="-",
+        response_content=f"{word}!",
+    )
+    assert search(client, f"{word}!")[0]["message"]["id"] == only_reply["id"]
+    assert search(client, f"{word}!")[0]["snippet"] == f"{word}!"
+
+
+def stamp(minute: int) -> str:
+    return f"2025-03-01T10:{minute:02d}:00.000000Z"
+
+
+def our_export(title: str, model_type: str, tree: dict, leaf: int | None) -> dict:
+    """An export by hand: `tree` maps each turn's id to its parent's (None: a first turn)."""
+    messages = [
+        {
+            "id": turn_id,
+            "parent_id": parent_id,
+            "prompt_content": f"prompt {turn_id}",
+            "response_content": f"reply {turn_id}",
+            "prompt_tokens": 2,
+            "response_tokens": 2,
+            "total_tokens": 4,
+            "is_success": True,
+            "status_code": 200,
+            "live": False,
+            "created_at": stamp(turn_id),
+            "updated_at": stamp(turn_id + 1),
+        }
+        for turn_id, parent_id in tree.items()
+    ]
+    conversation = {"id": 77, "title": title, "model_type": model_type}
+    conversation |= {"leaf_id": leaf, "created_at": stamp(0), "updated_at": stamp(59)}
+    return {
+        "format": "chat-backend/1",
+        "conversation": conversation,
+        "messages": messages,
+    }
+
+
+def import_body(client: httpx.Client, body: bytes | str) -> httpx.Response:
+    content = body.encode() if isinstance(body, str) else body
+    return client.post("/import", content=content)
+
+
+def exported(client: httpx.Client, conversation_id: int) -> dict:
+    response = client.get(f"/conversations/{conversation_id}/export")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    return response.json()
+
+
+def without_ids(export: dict) -> dict:
+    """The export with its ids replaced by their order of appearance (mapped consistently)."""
+    order = {m["id"]: n for n, m in enumerate(export["messages"], 1)}
+    conversation = {**export["conversation"], "id": None}
+    conversation["leaf_id"] = order.get(conversation["leaf_id"])
+    messages = [
+        {
+            **m,
+            "id": order[m["id"]],
+            "parent_id": order.get(m["parent_id"]),
+            "conversation_id": None,
+        }
+        for m in export["messages"]
+    ]
+    return {**export, "conversation": conversation, "messages": messages}
+
+
+# Two branches: 1 -> 2 -> 3 and 1 -> 4 (the newest), with the leaf on the older one.
+TREE = {1: None, 2: 1, 3: 2, 4: 1}
+
+
+def test_an_export_imports_back_with_its_branches_leaf_times_model_and_counts(
+    client: httpx.Client,
+) -> None:
+    kind = model("imported")
+    body = our_export("Branchy", kind, TREE, leaf=3)
+    response = import_body(client, json.dumps(body, indent=2))  # one object, pretty
+    assert response.status_code == 201, response.text
+    [conversation_id] = response.json()["conversation_ids"]
+    export = exported(client, conversation_id)
+    assert without_ids(export) == without_ids(
+        {
+            **body,
+            "conversation": {**body["conversation"], "id": 0},
+            "messages": [{**m, "conversation_id": 0} for m in body["messages"]],
+        }
+    )
+    assert client.get(f"/conversations/{conversation_id}").json()["model_type"] == kind
+    branch = client.get(f"/conversations/{conversation_id}/messages").json()
+    assert [m["prompt_content"] for m in branch] == ["prompt 1", "prompt 2", "prompt 3"]
+
+
+def test_the_markdown_export_is_the_active_branch_with_texts_as_they_are(
+    client: httpx.Client,
+) -> None:
+    body = our_export("Two\nlines <b>", model("md"), TREE, leaf=4)
+    body["messages"][3]["prompt_content"] = "# not a heading\n<script>x</script> *a*"
+    body["messages"][3]["response_content"] = "```\ncode\n```"
+    [conversation_id] = import_body(client, json.dumps(body)).json()["conversation_ids"]
+    response = client.get(f"/conversations/{conversation_id}/export?format=markdown")
+    assert response.headers["content-type"] == "text/markdown; charset=utf-8"
+    assert response.text == (
+        "# Two lines <b>\n\n## User\n\nprompt 1\n\n## Assistant\n\nreply 1\n\n"
+        "## User\n\n# not a heading\n<script>x</script> *a*\n\n## Assistant\n\n```\ncode\n```\n\n"
+        f"Model: {body['conversation']['model_type']}\n"
+        "Created: 2025-03-01T10:00:00.000000Z\nUpdated: 2025-03-01T10:59:00.000000Z\n"
+    )
+
+
+def test_exporting_an_unknown_conversation_is_404(client: httpx.Client) -> None:
+    for query in ("", "?format=markdown"):
+        response = client.get(f"/conversations/999999/export{query}")
+        assert (response.status_code, response.json()) == (
+            404,
+            {"detail": "Conversation not found"},
+        )
+
+
+def test_export_all_is_ndjson_one_conversation_a_line_oldest_first_and_imports_back(
+    client: httpx.Client,
+) -> None:
+    first, second = new_conversation(client), new_conversation(client)
+    add_message(client, second["id"], prompt_content='<b>&amp;</b>\n"quoted"')
+    response = client.get("/export")
+    assert response.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    ids = [line["conversation"]["id"] for line in lines]
+    assert ids.index(first["id"]) < ids.index(second["id"])
+    assert lines[ids.index(second["id"])] == exported(client, second["id"])
+    mine = [lines[ids.index(c["id"])] for c in (first, second)]
+    again = import_body(client, "".join(json.dumps(line) + "\n" for line in mine))
+    assert again.status_code == 201, again.text
+    copies = [exported(client, c) for c in again.json()["conversation_ids"]]
+    assert [without_ids(c) for c in copies] == [without_ids(c) for c in mine]
+
+
+def test_a_live_turn_is_exported_live_and_imported_as_a_failed_turn(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=8:gap_ms=300")
+    body = {"prompt": "long one", "conversation_id": conversation["id"]}
+    with client.stream("POST", "/text/generate/stream", json=body) as response:
+        events = iter_events(response)
+        next(events)
+        next(events)
+        live = exported(client, conversation["id"])
+        [turn] = live["messages"]
+        assert turn["live"] is True and turn["is_success"] is None
+        [copy_id] = import_body(client, json.dumps(live)).json()["conversation_ids"]
+        [copy] = exported(client, copy_id)["messages"]
+        list(events)
+    assert (copy["live"], copy["is_success"], copy["status_code"]) == (
+        False,
+        False,
+        500,
+    )
+    assert copy["response_content"] == turn["response_content"]
+
+
+def chatgpt_node(
+    key: str,
+    parent: str | None,
+    role: str | None = None,
+    *parts: object,
+    **fields: object,
+) -> dict:
+    """A node of ChatGPT's `mapping`; without a role, one with no message (the root)."""
+    message = None
+    if role is not None:
+        content = {
+            "content_type": fields.pop("content_type", "text"),
+            "parts": list(parts),
+        }
+        message = {
+            "id": key,
+            "author": {"role": role, "name": None},
+            "content": content,
+        }
+        message |= {"create_time": fields.pop("at", None), "update_time": None}
+        message |= {"status": "finished_successfully", "weight": 1.0, "metadata": {}}
+        message |= {"recipient": "all", **fields}
+    return {"id": key, "message": message, "parent": parent, "children": []}
+
+
+def chatgpt_conversation(*nodes: dict, **fields: object) -> dict:
+    return {
+        "title": None,
+        "create_time": 1700000000.5,
+        "update_time": 1700000999.25,
+        "mapping": {node["id"]: node for node in nodes},
+        "current_node": nodes[-1]["id"],
+        "conversation_id": "abc-123",
+        **fields,
+    }
+
+
+CHATGPT_NODES = [
+    chatgpt_node("root", None),
+    chatgpt_node("sys", "root", "system", "You are ChatGPT", weight=0.0),
+    chatgpt_node("u1", "sys", "user", "Hello there, how are you?", at=1700000100.0),
+    chatgpt_node(
+        "a1",
+        "u1",
+        "assistant",
+        "First reply",
+        at=1700000101.0,
+        metadata={"model_slug": "gpt-4o"},
+    ),
+    chatgpt_node("a1b", "u1", "assistant", "Second ", "reply", at=1700000102.0),
+    chatgpt_node(
+        "u2",
+        "a1b",
+        "user",
+        "Look at this",
+        {"content_type": "image_asset_pointer"},
+        "and this",
+        content_type="multimodal_text",
+        at=1700000103.0,
+    ),
+    chatgpt_node(
+        "hidden",
+        "u2",
+        "assistant",
+        "context",
+        at=1700000104.0,
+        metadata={"is_visually_hidden_from_conversation": True},
+    ),
+    chatgpt_node(
+        "call",
+        "hidden",
+        "assistant",
+        "search('x')",
+        content_type="code",
+        recipient="browser",
+        at=1700000105.0,
+    ),
+    chatgpt_node("tool", "call", "tool", "results", at=1700000106.0),
+    chatgpt_node(
+        "a2",
+        "tool",
+        "assistant",
+        "Here is what I found",
+        at=1700000107.0,
+        metadata={"model_slug": "gpt-4o-mini"},
+    ),
+]
+
+
+def test_a_chatgpt_export_becomes_turns_with_siblings_the_leaf_times_and_model(
+    client: httpx.Client,
+) -> None:
+    body = [chatgpt_conversation(*CHATGPT_NODES)]
+    response = import_body(client, json.dumps(body))
+    assert response.status_code == 201, response.text
+    [conversation_id] = response.json()["conversation_ids"]
+    export = exported(client, conversation_id)
+    conversation, turns = export["conversation"], export["messages"]
+    assert (conversation["title"], conversation["model_type"]) == (
+        "Hello there, how are you?",
+        "gpt-4o-mini",
+    )
+    assert (conversation["created_at"], conversation["updated_at"]) == (
+        "2023-11-14T22:13:20.500000Z",
+        "2023-11-14T22:29:59.250000Z",
+    )
+    pairs = [(t["prompt_content"], t["response_content"]) for t in turns]
+    assert pairs == [
+        ("Hello there, how are you?", "First reply"),
+        ("Hello there, how are you?", "Second \nreply"),
+        ("Look at this\nand this", "Here is what I found"),
+    ]
+    first, second, third = turns
+    assert [t["parent_id"] for t in turns] == [None, None, second["id"]]
+    assert conversation["leaf_id"] == third["id"]
+    assert first["created_at"] == "2023-11-14T22:15:01.000000Z"
+    assert first["updated_at"] == conversation["updated_at"]  # the reply had none
+    assert {(t["is_success"], t["status_code"], t["total_tokens"]) for t in turns} == {
+        (True, 200, None)
+    }
+
+
+def test_a_chatgpt_leaf_on_an_older_branch_and_replies_without_prompts(
+    client: httpx.Client,
+) -> None:
+    nodes = [
+        chatgpt_node("root", None),
+        chatgpt_node("a0", "root", "assistant", "Welcome", at=1.0),
+        chatgpt_node("u1", "a0", "user", "Only a question", at=2.0),
+        chatgpt_node("u2", "a0", "user", "Another", at=3.0),
+        chatgpt_node("a2", "u2", "assistant", "Answer", at=4.0),
+    ]
+    body = [chatgpt_conversation(*nodes, title="  Kept  ", current_node="u1")]
+    [conversation_id] = import_body(client, json.dumps(body)).json()["conversation_ids"]
+    export = exported(client, conversation_id)
+    pairs = [(t["prompt_content"], t["response_content"]) for t in export["messages"]]
+    assert pairs == [("", "Welcome"), ("Only a question", ""), ("Another", "Answer")]
+    welcome, question, _ = export["messages"]
+    assert export["conversation"]["title"] == "Kept"
+    assert export["conversation"]["model_type"] == "echo"  # DEFAULT_MODEL
+    assert export["conversation"]["leaf_id"] == question["id"]
+    assert question["parent_id"] == welcome["id"]
+
+
+def test_chatgpt_text_with_nul_or_lone_surrogates_is_replaced_and_overlong_text_cut(
+    client: httpx.Client,
+) -> None:
+    nodes = [
+        chatgpt_node("u", None, "user", "nul \x00 here", at=1.0),
+        chatgpt_node("a", "u", "assistant", "x" * 1_000_005, at=2.0),
+    ]
+    body = json.dumps([chatgpt_conversation(*nodes, title="t" * 300)])
+    body = body.replace("here", "\\ud800here")  # a lone surrogate, as JSON writes one
+    response = import_body(client, body)
+    assert response.status_code == 201, response.text
+    export = exported(client, response.json()["conversation_ids"][0])
+    [turn] = export["messages"]
+    assert turn["prompt_content"] == "nul \ufffd \ufffdhere"
+    assert len(turn["response_content"]) == 1_000_000
+    assert export["conversation"]["title"] == "t" * 200
+
+
+def ours(tree: dict, leaf: int | None = None, **changes: object) -> dict:
+    body = our_export("Bad", MALFORMED_MODEL, tree, leaf)
+    for at, fields in changes.get("messages", {}).items():
+        body["messages"][at] |= fields
+    return body | {k: v for k, v in changes.items() if k != "messages"}
+
+
+MALFORMED_MODEL = f"malformed-{uuid.uuid4().hex[:8]}"
+CYCLE_NODES = [
+    chatgpt_node("u1", "a1", "user", "q", at=1.0),
+    chatgpt_node("a1", "u1", "assistant", "a", at=2.0),
+]
+SKIPPED_CYCLE = [chatgpt_node("x", "y"), chatgpt_node("y", "x")]
+MALFORMED = {
+    "not-json": (b"{nope", "conversation 0"),
+    "empty": (b"", "conversation 0"),
+    "wrong-shapes": (
+        json.dumps({"format": "chat-backend/1", "conversation": [], "messages": {}}),
+        "conversation",
+    ),
+    "other-format": (json.dumps(ours(TREE) | {"format": "chat-backend/2"}), "format"),
+    "unknown-parent": (json.dumps(ours({1: None, 2: 9})), "messages.1.parent_id"),
+    "cycle": (json.dumps(ours({1: 2, 2: 1})), "cycle"),
+    "duplicate-id": (
+        json.dumps(ours({1: None}) | {"messages": ours({1: None})["messages"] * 2}),
+        "messages.1.id",
+    ),
+    "unknown-leaf": (json.dumps(ours(TREE, leaf=9)), "leaf_id"),
+    "nul": (
+        json.dumps(ours(TREE, messages={2: {"prompt_content": "a\x00b"}})),
+        "messages.2.prompt_content",
+    ),
+    "lone-surrogate": (
+        json.dumps(ours(TREE)).replace("prompt 2", "\\udc00"),
+        "conversation 0",
+    ),
+    "2m-reply": (
+        json.dumps(ours(TREE, messages={0: {"response_content": "r" * 2_000_000}})),
+        "messages.0.response_content",
+    ),
+    "string-count": (
+        json.dumps(ours(TREE, messages={1: {"prompt_tokens": "2"}})),
+        "messages.1.prompt_tokens",
+    ),
+    "naive-time": (
+        json.dumps(ours(TREE, messages={1: {"created_at": "2025-03-01T10:00:00"}})),
+        "messages.1.created_at",
+    ),
+    "bad-ndjson-line": (
+        "\n".join(json.dumps(ours(TREE)) for _ in range(2)) + "\n{]\n",
+        "conversation 2",
+    ),
+    "chatgpt-not-a-mapping": (
+        json.dumps([chatgpt_conversation(*CHATGPT_NODES) | {"mapping": []}]),
+        "mapping",
+    ),
+    "chatgpt-unknown-parent": (
+        json.dumps([chatgpt_conversation(chatgpt_node("u", "nowhere", "user", "q"))]),
+        "nowhere",
+    ),
+    "chatgpt-cycle": (json.dumps([chatgpt_conversation(*CYCLE_NODES)]), "cycle"),
+    "chatgpt-skipped-cycle": (
+        json.dumps([chatgpt_conversation(*SKIPPED_CYCLE)]),
+        "cycle",
+    ),
+    "chatgpt-unknown-current-node": (
+        json.dumps([chatgpt_conversation(*CHATGPT_NODES, current_node="gone")]),
+        "current_node",
+    ),
+    "chatgpt-second-bad": (
+        json.dumps([chatgpt_conversation(*CHATGPT_NODES), 5]),
+        "conversation 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("body, where", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_import_is_422_saying_where_and_stores_nothing(
+    client: httpx.Client, body: bytes | str, where: str
+) -> None:
+    before = client.get("/conversations", params={"take": 1}).json()
+    response = import_body(client, body)
+    assert response.status_code == 422, response.text
+    assert where in response.json()["detail"]
+    assert (
+        client.get("/conversations", params={"model_type": MALFORMED_MODEL}).json()
+        == []
+    )
+    assert client.get("/conversations", params={"take": 1}).json() == before
+
+
+def test_an_import_over_max_import_bytes_is_413_before_it_is_read_whole(
+    start_app: Callable[..., Server],
+) -> None:
+    server = start_app(MAX_IMPORT_BYTES="2000")
+    kind = model("limit")
+    body = json.dumps(our_export("Small", kind, {1: None}, 1))
+    assert len(body) < 2000
+    assert httpx.post(f"{server.url}/import", content=body).status_code == 201
+    response = httpx.post(f"{server.url}/import", content=body + " " * 2000)
+    assert response.status_code == 413 and response.json()["detail"]
+    chunked = httpx.post(
+        f"{server.url}/import", content=iter([body.encode(), b" " * 2000])
+    )
+    assert chunked.status_code == 413
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(
+            b"POST /import HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 90000000\r\n\r\n{"
+        )
+        answer = connection.recv(1000)  # at once: the body is never waited for
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert (
+        len(
+            httpx.get(f"{server.url}/conversations", params={"model_type": kind}).json()
+        )
+        == 1
+    )
+
+
+def test_export_import_into_an_empty_database_and_export_again_gives_the_same_lines(
+    database: Database, llm_url: str, tmp_path: Path
+) -> None:
+    kind = "sqlite" if database.url.startswith("sqlite") else "postgres"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    with (
+        new_database(kind, tmp_path / "a") as first,
+        new_database(kind, tmp_path / "b") as second,
+        app_starter(tmp_path, llm_url) as start,
+    ):
+        source = start(DATABASE_URL=first.url)
+        odd = our_export("Odd <i>text</i>", "gpt-x", TREE, leaf=2)
+        odd["messages"][1] |= {"prompt_content": "é\n\t\"'\\ 🎉", "prompt_tokens": None}
+        odd["messages"][2] |= {"is_success": False, "status_code": 502}
+        ndjson = (
+            json.dumps(odd) + "\n" + json.dumps(our_export("Plain", "echo", {}, None))
+        )
+        assert httpx.post(f"{source.url}/import", content=ndjson).status_code == 201
+        with httpx.Client(base_url=source.url) as client:
+            add_message(
+                client, new_conversation(client)["id"], prompt_content="by hand"
+            )
+            lines = client.get("/export").text
+        target = start(DATABASE_URL=second.url)
+        assert httpx.post(f"{target.url}/import", content=lines).status_code == 201
+        again = httpx.get(f"{target.url}/export").text
+    before, after = (
+        [json.loads(line) for line in text.splitlines()] for text in (lines, again)
+    )
+    assert len(before) == 3
+    assert [without_ids(line) for line in after] == [
+        without_ids(line) for line in before
+    ]
+
+
+def test_the_page_searches_and_opens_a_hit_on_its_branch(
+    open_page: Callable[..., Page], service: httpx.Client, tmp_path: Path
+) -> None:
+    word = marker()
+    body = our_export(f"Trip {word[:4]}", "echo", TREE, leaf=3)
+    body["messages"][3] |= {"prompt_content": f"the other branch: {word}\n\nfound"}
+    [conversation_id] = import_body(service, json.dumps(body)).json()[
+        "conversation_ids"
+    ]
+    hit_id = exported(service, conversation_id)["messages"][3]["id"]
+    page = open_page()
+    page.get_by_role("searchbox", name="Search chats").fill(word)
+    results = page.get_by_role("list", name="Search results")
+    expect(results.get_by_role("link")).to_have_count(1)
+    expect(results).to_contain_text(f"the other branch: {word} found")
+    page.screenshot(path=tmp_path / "search.png")
+    results.get_by_role("link").click()
+    expect(page).to_have_url(re.compile(f"#/c/{conversation_id}/m/{hit_id}$"))
+    expect(page.locator(".turn .prompt")).to_have_count(2)
+    expect(page.locator(".turn.hit .prompt")).to_contain_text(word)
+    assert service.get(f"/conversations/{conversation_id}").json()["leaf_id"] == hit_id
+    page.get_by_role("searchbox", name="Search chats").fill("")
+    expect(page.get_by_role("list", name="Search results")).to_be_hidden()
+    expect(page.locator("#conversations a").first).to_be_visible()
+    page.screenshot(path=tmp_path / "hit.png")
+
+
+def test_the_page_exports_json_and_markdown_and_imports_a_file(
+    open_page: Callable[..., Page], service: httpx.Client, tmp_path: Path
+) -> None:
+    body = our_export("Export me", "echo", TREE, leaf=4)
+    [conversation_id] = import_body(service, json.dumps(body)).json()[
+        "conversation_ids"
+    ]
+    page = open_page(f"/#/c/{conversation_id}")
+    expect(page.get_by_role("heading", name="Export me")).to_be_visible()
+    for name, query in (("Export JSON", ""), ("Export Markdown", "?format=markdown")):
+        with page.expect_download() as download:
+            page.get_by_role("button", name=name).click()
+        saved = Path(download.value.path()).read_text()
+        assert (
+            saved == service.get(f"/conversations/{conversation_id}/export{query}").text
+        )
+    chatgpt = json.dumps([chatgpt_conversation(*CHATGPT_NODES, title="From ChatGPT")])
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Import").click()
+    chooser.value.set_files(
+        {
+            "name": "conversations.json",
+            "mimeType": "application/json",
+            "buffer": chatgpt.encode(),
+        }
+    )
+    expect(page.get_by_role("heading", name="From ChatGPT")).to_be_visible()
+    expect(page.locator(".turn .reply").last).to_contain_text("Here is what I found")
+    page.screenshot(path=tmp_path / "imported.png")
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Import").click()
+    chooser.value.set_files(
+        {"name": "bad.json", "mimeType": "application/json", "buffer": b"[5]"}
+    )
+    expect(page.locator("#list-note")).to_contain_text("Import failed: conversation 0")
+    page.screenshot(path=tmp_path / "import-failed.png")
+
+
+def test_the_search_migration_indexes_the_ended_turns_a_database_already_holds(
+    empty_database: Database, tmp_path: Path
+) -> None:
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    assert alembic(ini, url, "upgrade", "3b35a6bab885").returncode == 0  # before search
+    at = "'2026-11-25 12:00:00.000000'"
+    run_sql(
+        empty_database,
+        "INSERT INTO conversations (id, title, model_type, created_at, updated_at)"
+        f" VALUES (1, 'Old chat', 'echo', {at}, {at})",
+    )
+    for turn, (prompt, live) in enumerate(
+        [
+            ("ended quetzal one", "false"),
+            ("live quetzal two", "true"),
+            ("東京 three", "false"),
+        ],
+        1,
+    ):
+        run_sql(
+            empty_database,
+            "INSERT INTO messages (id, conversation_id, parent_id, prompt_content,"
+            " response_content, live, created_at, updated_at)"
+            f" VALUES ({turn}, 1, {turn - 1 or 'NULL'}, '{prompt}', 'reply', {live}, {at}, {at})",
+        )
+    upgraded = alembic(ini, url, "upgrade", "head")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert alembic(ini, url, "check").returncode == 0
+    process, log = launch(
+        ["--port", str(port := free_port())], {"DATABASE_URL": url}, tmp_path
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            # The app ends the live turn at its start (its process is long gone): found now.
+            assert found_turns(client, "quetzal") == [2, 1]
+            assert found_turns(client, "東京") == [3]
+            assert client.delete("/messages/3").status_code == 204
+            assert found_turns(client, "東京") == []
+            assert len(client.get("/conversations/1/messages?all=true").json()) == 2
+    finally:
+        stop(process)
+    assert alembic(ini, url, "downgrade", "-1").returncode == 0
+    assert alembic(ini, url, "upgrade", "head").returncode == 0
