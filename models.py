@@ -84,14 +84,12 @@ class Conversation(ConversationBase, table=True):
     __table_args__ = (
         # GET /conversations: newest activity first.
         Index("ix_conversations_updated_at_id", "updated_at", "id"),
-        # A /v1 call continues the newest conversation with its thread: one index lookup.
-        Index("ix_conversations_thread_updated_at_id", "thread", "updated_at", "id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    # The hash of the messages of its last successful /v1 call plus the reply (see app.py,
-    # "OpenAI-compatible front"); none while a /v1 call runs in it, or if it never had one.
-    thread: str | None = Field(default=None, max_length=64)
+    # The last turn of the active branch (see "Branches" in app.py); None: no turns on it.
+    # Change it only with app.py's move_leaf(), which keeps Message.on_branch in step.
+    leaf_id: int | None = None
     created_at: datetime = Field(default_factory=utc_now)
     updated_at: datetime = Field(default_factory=utc_now)
 
@@ -109,6 +107,7 @@ class ConversationUpdate(SQLModel):
     model_config = STRICT
     title: Title | None = None
     model_type: ModelType | None = None
+    leaf_id: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None  # null is a value
 
     @field_validator("title", "model_type")
     @classmethod
@@ -121,6 +120,7 @@ class ConversationUpdate(SQLModel):
 
 class ConversationPublic(ConversationBase):
     id: int
+    leaf_id: int | None
     created_at: Timestamp
     updated_at: Timestamp
 
@@ -146,20 +146,24 @@ class Message(MessageBase, table=True):
             "created_at",
             "id",
         ),
-        # The last successful turns sent to the model as history.
+        # A page of the active branch, first turn first: only its turns are in it.
         Index(
-            "ix_messages_conversation_id_is_success_created_at_id",
+            "ix_messages_conversation_id_created_at_id_on_branch",
             "conversation_id",
-            "is_success",
             "created_at",
             "id",
+            postgresql_where=sa.text("on_branch"),
+            sqlite_where=sa.text("on_branch"),
         ),
-        # A conversation's live turns (a /v1 call continues no conversation that has one).
+        # The turns that follow one (a DELETE re-parents them; the foreign key's check).
+        Index("ix_messages_parent_id", "parent_id"),
+        # A /v1 call continues after the newest turn whose path is its history.
         Index(
-            "ix_messages_conversation_id_live",
-            "conversation_id",
-            postgresql_where=sa.text("live"),
-            sqlite_where=sa.text("live"),
+            "ix_messages_path_hash_id",
+            "path_hash",
+            "id",
+            postgresql_where=sa.text("path_hash IS NOT NULL"),
+            sqlite_where=sa.text("path_hash IS NOT NULL"),
         ),
         # Live turns whose process died (silent since...): only live rows are in it.
         Index(
@@ -172,6 +176,15 @@ class Message(MessageBase, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     conversation_id: int = Field(foreign_key="conversations.id", ondelete="CASCADE")
+    # The turn it follows, of the same conversation; None: a first turn. See "Branches".
+    parent_id: int | None = Field(default=None, foreign_key="messages.id")
+    # On its conversation's active branch (the path from a first turn to leaf_id): kept by
+    # move_leaf() so that a page of a long branch is an index range, not a walk of it all.
+    on_branch: bool = Field(
+        default=False, sa_column_kwargs={"server_default": sa.false()}
+    )
+    # A /v1 turn that ended well: the hash of its call's messages plus its reply.
+    path_hash: str | None = Field(default=None, max_length=64)
     # A generated reply still being written; see "Live replies" in app.py.
     live: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
     created_at: datetime = Field(default_factory=utc_now)
@@ -195,6 +208,7 @@ class MessagePublic(MessageBase):
     id: int
     conversation_id: int
     live: bool
+    parent_id: int | None
     created_at: Timestamp
     updated_at: Timestamp
 

@@ -10,6 +10,7 @@ The chat page's tests, at the end, drive headless Chromium, on SQLite only.
 import asyncio
 import configparser
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -3909,12 +3910,84 @@ def test_the_thread_migration_upgrades_a_database_that_holds_conversations(
             "INSERT INTO messages (conversation_id, prompt_content, response_content,"
             f" created_at, updated_at) VALUES ({conversation_id}, 'q', 'a', {now}, {now})",
         )
-    upgraded = alembic(ini, url, "upgrade", "head")
+    upgraded = alembic(ini, url, "upgrade", "2b8d356d0649")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert alembic(ini, url, "check").returncode == 0
     query = "SELECT id, title, thread FROM conversations ORDER BY id"
     assert rows(empty_database, query) == [(1, "A chat", None), (2, "A chat", None)]
     assert rows(empty_database, "SELECT count(*) FROM messages") == [(2,)]
+
+
+def old_thread_key(messages: list[tuple[str, str]]) -> str:
+    """How the code before branches hashed a conversation's /v1 thread."""
+    stripped = [(role, text.strip()) for role, text in messages]
+    return hashlib.sha256(json.dumps(stripped).encode()).hexdigest()
+
+
+# The /v1 call that last continued conversation 2, with its reply.
+OLD_THREAD = [("user", "q4"), ("assistant", "a4"), ("user", "q5"), ("assistant", "a5")]
+
+
+def database_before_branches(database: Database) -> None:
+    """What the code before branches wrote: turns in order (one stored out of id order),
+    a /v1 conversation with its thread, a conversation without turns."""
+    ini, url = PROJECT / "alembic.ini", database.url
+    assert alembic(ini, url, "upgrade", "2b8d356d0649").returncode == 0
+    thread = old_thread_key(OLD_THREAD)
+    for conversation_id, at, kept in (
+        (1, 1, "null"),
+        (2, 5, f"'{thread}'"),
+        (3, 9, "null"),
+    ):
+        stamp = f"'2026-11-25 12:00:0{at}.000000'"
+        run_sql(
+            database,
+            "INSERT INTO conversations (id, title, model_type, created_at, updated_at,"
+            f" thread) VALUES ({conversation_id}, 'A chat', 'echo', {stamp}, {stamp},"
+            f" {kept})",
+        )
+    # (id, conversation, second of created_at, is_success)
+    for message_id, conversation_id, at, success in (
+        (1, 1, 1, "true"),
+        (2, 1, 3, "false"),
+        (3, 1, 2, "null"),
+        (4, 2, 4, "true"),
+        (5, 2, 5, "true"),
+        (6, 2, 6, "false"),
+    ):
+        stamp = f"'2026-11-25 12:00:0{at}.000000'"
+        run_sql(
+            database,
+            "INSERT INTO messages (id, conversation_id, prompt_content, response_content,"
+            f" is_success, created_at, updated_at) VALUES ({message_id},"
+            f" {conversation_id}, 'q{message_id}', 'a{message_id}', {success}, {stamp},"
+            f" {stamp})",
+        )
+
+
+def test_the_branches_migration_makes_each_conversations_turns_one_branch(
+    empty_database: Database,
+) -> None:
+    database_before_branches(empty_database)
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    upgraded = alembic(ini, url, "upgrade", "head")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert alembic(ini, url, "check").returncode == 0
+    query = "SELECT id, parent_id, on_branch, path_hash FROM messages ORDER BY id"
+    thread = old_thread_key(OLD_THREAD)
+    assert [tuple(row) for row in rows(empty_database, query)] == [
+        (1, None, True, None),
+        (2, 3, True, None),  # by created_at: 1, 3, 2
+        (3, 1, True, None),
+        (4, None, True, None),
+        (5, 4, True, thread),  # the newest successful turn carries the thread
+        (6, 5, True, None),
+    ]
+    leaves = "SELECT id, leaf_id FROM conversations ORDER BY id"
+    assert [tuple(row) for row in rows(empty_database, leaves)] == [
+        (1, 2),
+        (2, 6),
+        (3, None),
+    ]
 
 
 # OpenAI Responses API --------------------------------------------------------------------
