@@ -4522,3 +4522,32 @@ def test_responses_beyond_max_live_replies_is_a_retryable_429(
         finally:
             sdk.responses.cancel(running.id)
     assert raised.value.response.headers["retry-after"]
+
+
+def test_the_responses_migration_keeps_every_turn_and_reads_it_as_a_response(
+    empty_database: Database, start_app: Callable[..., Server]
+) -> None:
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    assert alembic(ini, url, "upgrade", "3b35a6bab885").returncode == 0  # branches
+    now = "'2026-11-25 12:00:00.000000'"
+    run_sql(
+        empty_database,
+        "INSERT INTO conversations (id, title, model_type, leaf_id, created_at,"
+        f" updated_at) VALUES (1, 'A chat', 'echo', 1, {now}, {now})",
+    )
+    run_sql(
+        empty_database,
+        "INSERT INTO messages (id, conversation_id, prompt_content, response_content,"
+        " is_success, status_code, on_branch, created_at, updated_at)"
+        f" VALUES (1, 1, 'q', 'a', true, 200, true, {now}, {now})",
+    )
+    upgraded = alembic(ini, url, "upgrade", "head")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert alembic(ini, url, "check").returncode == 0
+    query = "SELECT id, prompt_content, response_content, status_code FROM messages"
+    assert [tuple(row) for row in rows(empty_database, query)] == [(1, "q", "a", 200)]
+    with openai_client(start_app(DATABASE_URL=url)) as sdk:
+        response = sdk.responses.retrieve("resp_1")
+        assert (response.status, response.output_text) == ("completed", "a")
+        replay = list(sdk.responses.retrieve("resp_1", stream=True))
+        assert text_of_deltas(replay) == "a"
