@@ -17,7 +17,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -62,10 +62,9 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import event, exc, exists, func, literal_column, true
+from sqlalchemy import case, event, exc, func, literal, true
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import aliased
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import SQLModel, col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -566,9 +565,12 @@ async def replace_conversation(
 async def update_conversation(
     body: ConversationUpdate, conversation: ConversationDep, session: SessionDep
 ) -> ConversationPublic:
-    conversation.sqlmodel_update(
-        body.model_dump(exclude_unset=True), update={"updated_at": utc_now()}
-    )
+    fields = body.model_dump(exclude_unset=True)
+    if "leaf_id" in fields:  # switching branches is not activity: updated_at stays
+        conversation = await locked_conversation(session, conversation.id)
+        await switch_leaf(session, conversation, fields.pop("leaf_id"))
+    if fields:
+        conversation.sqlmodel_update(fields, update={"updated_at": utc_now()})
     await session.commit()
     return conversation
 
@@ -595,13 +597,9 @@ MessageDep = Annotated[Message, Depends(find_message)]
 
 
 async def touch_conversation(
-    session: AsyncSession,
-    conversation_id: int,
-    at: datetime | None = None,
-    **values: Any,
+    session: AsyncSession, conversation_id: int, at: datetime | None = None
 ) -> None:
-    """A change to a conversation's messages is activity in that conversation (`values`: more
-    columns to set).
+    """A change to a conversation's messages is activity in that conversation.
 
     Lock the conversation before its message, as a DELETE of the conversation does, or the
     two wait for each other (Postgres ends that deadlock by failing one).
@@ -609,32 +607,33 @@ async def touch_conversation(
     await session.exec(
         update(Conversation)
         .where(col(Conversation.id) == conversation_id)
-        .values(updated_at=at or utc_now(), **values)
+        .values(updated_at=at or utc_now())
     )
 
 
 @api.get("/conversations/{conversation_id}/messages")
 async def list_messages(
-    conversation: ConversationDep, session: SessionDep, skip: Skip = 0, take: Take = 100
+    conversation: ConversationDep,
+    session: SessionDep,
+    skip: Skip = 0,
+    take: Take = 100,
+    all: bool = False,
 ) -> list[MessagePublic]:
-    query = (
-        select(Message)
-        .where(Message.conversation_id == conversation.id)
-        .order_by(col(Message.created_at), col(Message.id))
-        .offset(skip)
-        .limit(take)
-    )
-    return (await session.exec(query)).all()
+    """The active branch, first turn first; with all=true every turn of every branch."""
+    query = select(Message).where(Message.conversation_id == conversation.id)
+    if not all:
+        query = query.where(col(Message.on_branch))  # an index of the branch's turns
+    query = query.order_by(col(Message.created_at), col(Message.id))
+    return (await session.exec(query.offset(skip).limit(take))).all()
 
 
 @api.post("/conversations/{conversation_id}/messages", status_code=201)
 async def create_message(
     body: MessageCreate, conversation: ConversationDep, session: SessionDep
 ) -> MessagePublic:
-    message = Message.model_validate(body, update={"conversation_id": conversation.id})
-    conversation.updated_at = message.created_at
-    session.add(message)
-    await session.commit()
+    conversation = await locked_conversation(session, conversation.id)
+    message = Message.model_validate(body, update={"parent_id": conversation.leaf_id})
+    await store_turn(session, conversation, message)
     return message
 
 
@@ -657,9 +656,123 @@ async def replace_message(
 
 @api.delete("/messages/{message_id}", status_code=204)
 async def delete_message(message: MessageDep, session: SessionDep) -> None:
-    await touch_conversation(session, message.conversation_id)
+    """The turns that followed it follow its parent; a leaf gives way to its parent."""
+    conversation = await locked_conversation(session, message.conversation_id)
+    conversation.updated_at = utc_now()
+    # Read again under the lock: its parent may have been deleted since.
+    message = await session.get(Message, message.id, populate_existing=True)
+    if message is None:
+        raise HTTPException(404, "Message not found")
+    following = col(Message.parent_id) == message.id
+    await session.exec(
+        update(Message).where(following).values(parent_id=message.parent_id)
+    )
+    if conversation.leaf_id == message.id:
+        conversation.leaf_id = message.parent_id  # on the branch already
     await session.delete(message)
     await session.commit()
+
+
+# Branches --------------------------------------------------------------------------------
+# A conversation's turns form a tree: each follows its parent_id (none: a first turn), and
+# the conversation's leaf_id ends its active branch, the path from a first turn to the leaf.
+# Every turn of that path is marked on_branch (a partial index), so a page of a branch of
+# 20,000 turns is an index range: move_leaf() keeps the marks in step with the leaf, writing
+# only the turns where the old branch and the new one differ. Whatever stores a turn or moves
+# a leaf locks the conversation's row first (locked_conversation), so writers in one
+# conversation take turns and a turn never follows one deleted meanwhile.
+
+
+async def locked_conversation(
+    session: AsyncSession, conversation_id: int
+) -> Conversation:
+    """The conversation as it is now, its row locked until commit (Postgres; a SQLite
+    database has one writer at a time)."""
+    conversation = await session.get(
+        Conversation, conversation_id, with_for_update=True, populate_existing=True
+    )
+    if conversation is None:
+        raise HTTPException(404, "Conversation not found")
+    return conversation
+
+
+def path_up(start: int | None, goes_on: Callable[[Any], Any]) -> Any:
+    """A CTE of turn `start` and the turns it follows, climbing from a turn to its parent
+    while `goes_on(turn)` holds: id, parent_id, on_branch, depth (0 at the start) and
+    successes (the successful turns so far)."""
+
+    def columns(turn: Any) -> list:
+        return [turn.c.id, turn.c.parent_id, turn.c.on_branch]
+
+    def success(turn: Any) -> Any:
+        return case((turn.c.is_success == true(), 1), else_=0)
+
+    turns, above = Message.__table__, Message.__table__.alias()
+    first = select(
+        *columns(turns), literal(0).label("depth"), success(turns).label("successes")
+    )
+    path = first.where(turns.c.id == start).cte("path", recursive=True)
+    climb = select(*columns(above), path.c.depth + 1, path.c.successes + success(above))
+    climb = climb.join(path, above.c.id == path.c.parent_id).where(goes_on(path.c))
+    return path.union_all(climb)
+
+
+async def move_leaf(
+    session: AsyncSession, conversation: Conversation, leaf_id: int | None
+) -> None:
+    """Make `leaf_id` (a turn of this conversation, or None) the leaf, and mark its branch."""
+    joining = path_up(leaf_id, lambda turn: ~turn.on_branch)
+    # The last turn both branches share: the first marked turn above the new leaf.
+    fork = (await session.exec(select(joining.c.id).where(joining.c.on_branch))).first()
+    # The old branch below it, up from the old leaf (all of it when they share none).
+    leaving = path_up(conversation.leaf_id, lambda turn: turn.id.is_distinct_from(fork))
+    old = select(leaving.c.id).where(leaving.c.id.is_distinct_from(fork))
+    new = select(joining.c.id).where(~joining.c.on_branch)
+    for turns, mark in ((old, False), (new, True)):
+        in_turns = col(Message.id).in_(turns)
+        await session.exec(update(Message).where(in_turns).values(on_branch=mark))
+    conversation.leaf_id = leaf_id
+
+
+async def switch_leaf(
+    session: AsyncSession, conversation: Conversation, leaf_id: int | None
+) -> None:
+    if leaf_id is not None:
+        turn = await session.get(Message, leaf_id)
+        if turn is None or turn.conversation_id != conversation.id:
+            raise HTTPException(422, "leaf_id must be a turn of this conversation")
+    await move_leaf(session, conversation, leaf_id)
+
+
+async def store_turn(
+    session: AsyncSession, conversation: Conversation, message: Message
+) -> None:
+    """Store a new turn (after message.parent_id) as its conversation's leaf, and commit."""
+    conversation.updated_at = message.created_at
+    session.add(conversation)
+    await session.flush()  # a new conversation gets its id
+    message.conversation_id = conversation.id
+    session.add(message)
+    await session.flush()  # and the turn its id
+    await move_leaf(session, conversation, message.id)
+    await session.commit()
+
+
+async def branch_history(
+    session: AsyncSession, parent_id: int | None
+) -> list[tuple[str, str]]:
+    """The last HISTORY_TURNS successful (prompt, reply) pairs of the branch that ends at
+    `parent_id`, oldest first: a climb from it that stops as soon as it has them."""
+    if parent_id is None or settings.history_turns == 0:
+        return []
+    path = path_up(parent_id, lambda turn: turn.successes < settings.history_turns)
+    query = (
+        select(Message.prompt_content, Message.response_content)
+        .join(path, col(Message.id) == path.c.id)
+        .where(Message.is_success == true())
+        .order_by(path.c.depth.desc())
+    )
+    return [tuple(row) for row in (await session.exec(query)).all()]
 
 
 # Live replies ----------------------------------------------------------------------------
@@ -700,7 +813,8 @@ class LiveReply:
     stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     # What ended it before the model did: a stop, a deletion.
     ended_by: tuple[int, str] | None = None
-    thread: "Thread | None" = None  # a /v1 call's, see "OpenAI-compatible front"
+    # A /v1 call's messages: with the reply, its turn's path (see "OpenAI-compatible front").
+    call: list[tuple[str, str]] | None = None
     # How it ended, once stored: the status (a 503 when it could not be stored), a detail for
     # errors, and its row as stored (none if it was deleted).
     status_code: int | None = None
@@ -826,15 +940,15 @@ async def store_end(
         "live": False,
         "updated_at": utc_now(),
     }
-    thread = {}
-    if reply.thread:
-        thread["thread"] = reply.thread.after(status_code, values["response_content"])
+    if reply.call and status_code == 200:
+        path = [*reply.call, ("assistant", values["response_content"])]
+        values["path_hash"] = path_key(path)
     deadline = time.monotonic() + 10
     while True:
         try:
             async with AsyncSession(engine, expire_on_commit=False) as session:
                 await touch_conversation(
-                    session, reply.conversation_id, values["updated_at"], **thread
+                    session, reply.conversation_id, values["updated_at"]
                 )
                 query = (
                     update(Message)
@@ -906,22 +1020,30 @@ async def close_dead_turns_forever() -> None:
 # Generation ------------------------------------------------------------------------------
 
 
+def prompt_fits(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("must not be empty")
+    if len(prompt) > settings.max_prompt_chars:
+        raise ValueError(
+            f"must be at most {settings.max_prompt_chars} characters (MAX_PROMPT_CHARS)"
+        )
+    return prompt
+
+
+Prompt = Annotated[str, AfterValidator(storable_text), AfterValidator(prompt_fits)]
+
+
 class GenerateRequest(SQLModel):
     model_config = STRICT
 
-    prompt: Annotated[str, AfterValidator(storable_text)]
+    prompt: Prompt
     conversation_id: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def prompt_fits(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("must not be empty")
-        if len(prompt) > settings.max_prompt_chars:
-            raise ValueError(
-                f"must be at most {settings.max_prompt_chars} characters (MAX_PROMPT_CHARS)"
-            )
-        return prompt
+
+class RegenerateRequest(SQLModel):
+    model_config = STRICT
+
+    prompt: Prompt | None = None  # None: the prompt of the message regenerated
 
 
 class GenerateQuery(GenerateRequest):
@@ -947,23 +1069,51 @@ def refuse_when_busy() -> None:
 
 
 async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
-    """A turn of /text/generate/stream: the model gets SYSTEM_PROMPT, history and the prompt."""
+    """A turn of /text/generate/stream: it follows the conversation's leaf."""
     refuse_when_busy()
     if request.conversation_id is None:
         model = settings.default_model
         conversation = Conversation(title=short_title(request.prompt), model_type=model)
-        history = []
     else:
-        conversation = await find_conversation(request.conversation_id, session)
-        history = await recent_successful_turns(session, conversation.id)
-    message = Message(prompt_content=request.prompt, response_content="", live=True)
-    messages = chat_messages(request.prompt, history)
-    reply = await start_reply(session, conversation, message, messages)
+        conversation = await locked_conversation(session, request.conversation_id)
+    parent_id = conversation.leaf_id
+    reply = await start_generated(session, conversation, parent_id, request.prompt)
     if request.conversation_id is None and conversation.model_type != ECHO:
         in_background(
             write_title(conversation.id, conversation.title, model, request.prompt)
         )
     return reply
+
+
+async def start_sibling(
+    message_id: int, prompt: str | None, session: AsyncSession
+) -> LiveReply:
+    """A turn beside message `message_id`, after the same turn: its prompt again, or `prompt`."""
+    refuse_when_busy()
+    message = await find_message(message_id, session)
+    conversation = await locked_conversation(session, message.conversation_id)
+    # Read again under the lock: the turn it follows may have been deleted since.
+    message = await session.get(Message, message_id, populate_existing=True)
+    if message is None:
+        raise HTTPException(404, "Message not found")
+    prompt = prompt or message.prompt_content
+    return await start_generated(session, conversation, message.parent_id, prompt)
+
+
+async def start_generated(
+    session: AsyncSession,
+    conversation: Conversation,
+    parent_id: int | None,
+    prompt: str,
+) -> LiveReply:
+    """A generated turn after `parent_id`: the model gets SYSTEM_PROMPT, the last successful
+    turns of that branch, and the prompt."""
+    history = await branch_history(session, parent_id)
+    message = Message(
+        prompt_content=prompt, response_content="", live=True, parent_id=parent_id
+    )
+    messages = chat_messages(prompt, history)
+    return await start_reply(session, conversation, message, messages)
 
 
 async def start_reply(
@@ -972,7 +1122,7 @@ async def start_reply(
     message: Message,
     messages: list[dict],
     sampling: dict | None = None,
-    thread: "Thread | None" = None,
+    call: list[tuple[str, str]] | None = None,
 ) -> LiveReply:
     """Store the prompt (with whatever else the session holds) and start the reply to
     `messages`, which runs on its own from then on."""
@@ -983,41 +1133,15 @@ async def start_reply(
             open_llm_reply(conversation.model_type, messages, sampling)
         )
     try:
-        await store_prompt(session, conversation, message)
+        await store_turn(session, conversation, message)
     except BaseException:
         if opening:
             opening.cancel()
         raise
-    reply = LiveReply(message.id, conversation.id, thread=thread)
+    reply = LiveReply(message.id, conversation.id, call=call)
     live_replies[reply.message_id] = reply
     in_background(run_reply(reply, opening, message.prompt_content))
     return reply
-
-
-async def store_prompt(
-    session: AsyncSession, conversation: Conversation, message: Message
-) -> None:
-    conversation.updated_at = message.created_at
-    session.add(conversation)
-    await session.flush()  # a new conversation gets its id
-    message.conversation_id = conversation.id
-    session.add(message)
-    await session.commit()
-
-
-async def recent_successful_turns(
-    session: AsyncSession, conversation_id: int
-) -> list[tuple[str, str]]:
-    """The last HISTORY_TURNS successful (prompt, reply) pairs, oldest first."""
-    if settings.history_turns == 0:
-        return []
-    query = (
-        select(Message.prompt_content, Message.response_content)
-        .where(Message.conversation_id == conversation_id, Message.is_success == true())
-        .order_by(col(Message.created_at).desc(), col(Message.id).desc())
-        .limit(settings.history_turns)
-    )
-    return [tuple(row) for row in reversed((await session.exec(query)).all())]
 
 
 async def stream_echo(prompt: str, reply: LiveReply) -> None:
@@ -1293,11 +1417,11 @@ def query_parameters(model: type[SQLModel]) -> dict:
     }
 
 
-def json_body(model: type[SQLModel]) -> dict:
+def json_body(model: type[SQLModel], required: bool = True) -> dict:
     schema = model.model_json_schema()
     return {
         "requestBody": {
-            "required": True,
+            "required": required,
             "content": {"application/json": {"schema": schema}},
         }
     }
@@ -1333,6 +1457,26 @@ async def generate_stream_post(
     if resumed := resumed_from(last_event_id):
         return await follow(*resumed, session)
     return event_stream(await start_turn(validated(GenerateRequest, body), session), 0)
+
+
+@api.post(
+    "/messages/{message_id}/regenerate",
+    response_class=Response,
+    responses=documented(200, 401, 403, 404, 422, 429),
+    openapi_extra=json_body(RegenerateRequest, required=False),
+)
+async def regenerate(
+    message_id: MessageId,
+    session: SessionDep,
+    body: Annotated[Any, Body()] = None,
+    last_event_id: LastEventId = None,
+) -> Response:
+    """A sibling of the message: its prompt again, or a new one (an edit), streamed as
+    POST /text/generate/stream streams a turn."""
+    if resumed := resumed_from(last_event_id):
+        return await follow(*resumed, session)
+    prompt = validated(RegenerateRequest, {} if body is None else body).prompt
+    return event_stream(await start_sibling(message_id, prompt, session), 0)
 
 
 @api.get(
@@ -1538,28 +1682,17 @@ def final_event(
 # other (a live reply: checkpointed, stoppable, finished when its client leaves), but the
 # model gets exactly the call's messages: the caller owns the context.
 #
-# Threading: OpenAI clients resend the whole history with each call. When a call succeeds, its
-# messages plus the reply become its conversation's thread, kept as a hash in an indexed
-# column; the next call whose earlier messages hash the same continues that conversation.
-# While a call runs, its conversation has no thread: a second call with the same history at
-# the same time finds none and starts a new conversation.
+# Threading: OpenAI clients resend the whole history with each call. A turn a call stores
+# gets, when it ends well, its path: the hash of the call's messages plus the reply (indexed).
+# A call continues after the newest turn whose path is its messages before the last, so a
+# regenerated reply or an edited message resent by the client adds a branch at that point, and
+# a call that failed leaves the turn it followed as it was, for the retry.
 
 
-def thread_key(messages: list[tuple[str, str]]) -> str:
-    """A thread as one indexed value: the hash of its (role, text) pairs, texts stripped."""
+def path_key(messages: list[tuple[str, str]]) -> str:
+    """A path as one indexed value: the hash of its (role, text) pairs, texts stripped."""
     stripped = [(role, text.strip()) for role, text in messages]
     return hashlib.sha256(json.dumps(stripped).encode()).hexdigest()
-
-
-@dataclass
-class Thread:
-    messages: list[tuple[str, str]]  # the call's
-    before: str | None  # the conversation's, kept if the call fails
-
-    def after(self, status_code: int, reply: str) -> str | None:
-        if status_code != 200:
-            return self.before
-        return thread_key([*self.messages, ("assistant", reply)])
 
 
 def text_of(content: object) -> object:
@@ -1648,89 +1781,94 @@ class ChatRequest(SQLModel):
         return messages
 
 
-async def claim_thread(
-    session: AsyncSession, key: str, model: str
-) -> Conversation | None:
-    """The newest conversation whose thread is `key` and that has no live turn, with its thread
-    cleared: of two calls that claim one at the same time, only one gets it."""
-    candidate = aliased(Conversation)
-    live_turn = exists().where(
-        col(Message.conversation_id) == candidate.id, col(Message.live)
-    )
+async def continued_turn(
+    session: AsyncSession, history: list[tuple[str, str]]
+) -> tuple[Conversation, int] | None:
+    """The newest turn whose path is `history`, and its conversation, locked."""
     newest = (
-        select(candidate.id)
-        .where(candidate.thread == key, ~live_turn)
-        .order_by(col(candidate.updated_at).desc(), col(candidate.id).desc())
+        select(Message.id, Message.conversation_id)
+        .where(Message.path_hash == path_key(history))
+        .order_by(col(Message.id).desc())
         .limit(1)
-        .scalar_subquery()
     )
-    claim = (
-        update(Conversation)
-        .where(col(Conversation.id) == newest, col(Conversation.thread) == key)
-        .values(thread=None, model_type=model)
-        .returning(Conversation)
+    if (turn := (await session.exec(newest)).first()) is None:
+        return None
+    conversation = await session.get(
+        Conversation, turn.conversation_id, with_for_update=True, populate_existing=True
     )
-    return (await session.exec(claim)).scalar_one_or_none()
+    # Deleted before the lock was ours: then the call matches no turn.
+    still_there = await session.get(Message, turn.id, populate_existing=True)
+    return (conversation, turn.id) if conversation and still_there else None
 
 
-def earlier_turns(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(prompt, reply) pairs: each user message with the assistant's after it, if any."""
-    turns = []  # [prompt, reply or None]
-    for role, text in messages:
+def earlier_turns(messages: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
+    """(prompt, reply, end) for each user message with the assistant's after it, if any;
+    messages[: end + 1] is the turn's path."""
+    turns = []  # [prompt, reply or None, end]
+    for end, (role, text) in enumerate(messages):
         if role == "user":
-            turns.append([text, None])
+            turns.append([text, None, end])
         elif role == "assistant":
             if turns and turns[-1][1] is None:
-                turns[-1][1] = text
+                turns[-1][1:] = [text, end]
             else:  # one with no user message before it, e.g. a greeting
-                turns.append(["", text])
-    return [(prompt, reply or "") for prompt, reply in turns]
+                turns.append(["", text, end])
+    return [(prompt, reply or "", end) for prompt, reply, end in turns]
 
 
 async def new_thread(
     session: AsyncSession, messages: list[tuple[str, str]], model: str
-) -> Conversation:
-    """A new conversation for a call whose history is not a thread here: its earlier pairs
-    become its first turns, as given."""
+) -> tuple[Conversation, int | None]:
+    """A new conversation for a call whose history is no path here: its earlier pairs become
+    its first turns, as given, each after the one before, with its path. Returns it and
+    the id of its last turn."""
     first = next(text for role, text in messages if role == "user")
     conversation = Conversation(title=short_title(first), model_type=model)
     session.add(conversation)
-    if turns := earlier_turns(messages[:-1]):
-        await session.flush()  # the conversation's id, for its turns
-        session.add_all(
-            Message(
-                conversation_id=conversation.id,
-                prompt_content=prompt,
-                response_content=reply,
-                is_success=True,
-                status_code=200,
-            )
-            for prompt, reply in turns
+    await session.flush()  # the conversation's id, for its turns
+    for prompt, reply, end in earlier_turns(messages[:-1]):
+        turn = Message(
+            conversation_id=conversation.id,
+            parent_id=conversation.leaf_id,
+            prompt_content=prompt,
+            response_content=reply,
+            is_success=True,
+            status_code=200,
+            on_branch=True,
+            path_hash=path_key(messages[: end + 1]),
         )
-    return conversation
+        session.add(turn)
+        await session.flush()  # its id, for the next one to follow
+        conversation.leaf_id = turn.id
+    return conversation, conversation.leaf_id
 
 
 async def start_call(
     call: ChatRequest, conversation_id: int | None, session: AsyncSession
 ) -> LiveReply:
-    """Store a /v1 call as a turn of the conversation it continues, or of a new one, and
+    """Store a /v1 call as a turn after the one it continues (or in a new conversation), and
     start its reply."""
     refuse_when_busy()
     messages = [(message.role, message.content) for message in call.messages]
-    earlier = thread_key(messages[:-1])
     if conversation_id is not None:
-        conversation = await find_conversation(conversation_id, session)
-        before = conversation.thread
-    elif conversation := await claim_thread(session, earlier, call.model):
-        before = earlier
+        conversation = await locked_conversation(session, conversation_id)
+        parent_id = conversation.leaf_id
+    elif found := await continued_turn(session, messages[:-1]):
+        conversation, parent_id = found
     else:
-        conversation, before = await new_thread(session, messages, call.model), None
-    conversation.thread, conversation.model_type = None, call.model
-    prompt = Message(prompt_content=messages[-1][1], response_content="", live=True)
+        conversation, parent_id = await new_thread(session, messages, call.model)
+    conversation.model_type = call.model
+    prompt = Message(
+        prompt_content=messages[-1][1],
+        response_content="",
+        live=True,
+        parent_id=parent_id,
+    )
     to_model = [{"role": role, "content": text} for role, text in messages]
     sampling = call.model_dump(include=SAMPLING, exclude_none=True)
-    thread = Thread(messages, before)
-    return await start_reply(session, conversation, prompt, to_model, sampling, thread)
+    return await start_reply(
+        session, conversation, prompt, to_model, sampling, messages
+    )
 
 
 class OpenAIError(SQLModel):
@@ -2095,28 +2233,19 @@ def final_response(
 async def branch_context(session: AsyncSession, turn_id: int | None) -> list[dict]:
     """The branch that ends at `turn_id` as the model gets it, oldest first: each successful
     turn's input items (a turn of another endpoint: its prompt) and reply. One query: a
-    recursive walk up parent_id, a primary-key lookup a turn."""
+    climb up parent_id to the first turn, a primary-key lookup a turn."""
     if turn_id is None:
         return []
-    first = select(Message.id, Message.parent_id, literal_column("0").label("depth"))
-    branch = first.where(col(Message.id) == turn_id).cte("branch", recursive=True)
-    earlier = aliased(Message)
-    branch = branch.union_all(
-        select(earlier.id, earlier.parent_id, branch.c.depth + 1).where(
-            earlier.id == branch.c.parent_id
-        )
-    )
+    path = path_up(turn_id, lambda turn: true())
     query = (
         select(Message.input_items, Message.prompt_content, Message.response_content)
-        .join(branch, col(Message.id) == branch.c.id)
+        .join(path, col(Message.id) == path.c.id)
         .where(Message.is_success == true())
-        .order_by(branch.c.depth.desc())
+        .order_by(path.c.depth.desc())
     )
     messages = []
     for items, prompt, reply in (await session.exec(query)).all():
-        messages += [
-            model_message(role, text) for role, text in items or [("user", prompt)]
-        ]
+        messages += [model_message(*item) for item in items or [("user", prompt)]]
         messages.append({"role": "assistant", "content": reply})
     return messages
 
@@ -2141,13 +2270,19 @@ async def response_place(
             raise HTTPException(
                 400, "Use previous_response_id or conversation, not both"
             )
-        if not (row := await response_row(session, call.previous_response_id)):
+        row = await response_row(session, call.previous_response_id)
+        conversation = row and await locked_conversation(
+            session, row[0].conversation_id
+        )
+        # Read again under the lock: it may have been deleted since.
+        previous = row and await session.get(Message, row[0].id, populate_existing=True)
+        if not previous:
             raise HTTPException(404, "Previous response not found")
-        if row[0].live:
+        if previous.live:
             raise HTTPException(400, "The previous response is still in progress")
-        return await session.get(Conversation, row[0].conversation_id), row[0].id
+        return conversation, previous.id
     if named or header_id:
-        conversation = await find_conversation(conversation_id or 0, session)
+        conversation = await locked_conversation(session, conversation_id or 0)
         return conversation, conversation.leaf_id
     prompt = call.input[-1].content
     return Conversation(title=short_title(prompt), model_type=call.model), None
