@@ -632,7 +632,10 @@ async def create_message(
     body: MessageCreate, conversation: ConversationDep, session: SessionDep
 ) -> MessagePublic:
     conversation = await locked_conversation(session, conversation.id)
-    message = Message.model_validate(body, update={"parent_id": conversation.leaf_id})
+    message = Message.model_validate(
+        body,
+        update={"conversation_id": conversation.id, "parent_id": conversation.leaf_id},
+    )
     await store_turn(session, conversation, message)
     return message
 
