@@ -2031,7 +2031,14 @@ async def list_models() -> dict:
 RESPONSE_ID = re.compile(r"resp_(\d{1,10})")
 CONVERSATION_REF = re.compile(r"conv_(\d{1,10})")
 CLOSING = {"completed": "completed", "incomplete": "incomplete"}  # else: failed
-RESPONSE_OPTIONS = {"instructions", "tags", "temperature", "top_p", "max_output_tokens"}
+ECHOED = ("instructions", "temperature", "top_p", "max_output_tokens")  # and metadata
+FIXED = {
+    "store": True,
+    "parallel_tool_calls": False,
+    "tool_choice": "none",
+    "tools": [],
+}
+NOTHING_YET = {"output": [], "usage": None, "error": None, "incomplete_details": None}
 
 
 def id_in(pattern: re.Pattern, value: str) -> int | None:
@@ -2041,10 +2048,10 @@ def id_in(pattern: re.Pattern, value: str) -> int | None:
 
 async def response_row(session: AsyncSession, response_id: str) -> Any:
     """(the turn, its conversation's model), or None."""
-    message_id = id_in(RESPONSE_ID, response_id)
+    if not (message_id := id_in(RESPONSE_ID, response_id)):
+        return None
     query = select(Message, Conversation.model_type).join(Conversation)
-    row = await session.exec(query.where(col(Message.id) == message_id))
-    return row.first() if message_id else None
+    return (await session.exec(query.where(col(Message.id) == message_id))).first()
 
 
 async def find_response(response_id: str, session: SessionDep) -> tuple[Message, str]:
@@ -2086,6 +2093,7 @@ def response_object(message: Message, model: str, detail: str = "") -> dict:
     status, error = response_status(message, detail)
     options = message.response_options or {}
     text, counts = message.response_content, usage(message)
+    cut = {"reason": "max_output_tokens"} if status == "incomplete" else None
     return {
         "id": f"resp_{message.id}",
         "object": "response",
@@ -2095,46 +2103,35 @@ def response_object(message: Message, model: str, detail: str = "") -> dict:
         "output": [output_message(message.id, text, status)] if text else [],
         "previous_response_id": message.parent_id and f"resp_{message.parent_id}",
         "metadata": options.get("metadata", {}),
-        "usage": counts
-        and {
-            "input_tokens": counts["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": counts["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": counts["total_tokens"],
-        },
+        "usage": counts and response_usage(*counts.values()),
         "error": error,
-        "incomplete_details": (
-            {"reason": "max_output_tokens"} if status == "incomplete" else None
-        ),
-        "store": True,
+        "incomplete_details": cut,
         "background": options.get("background", False),
-        "parallel_tool_calls": False,
-        "tool_choice": "none",
-        "tools": [],
-        **{name: options.get(name) for name in ("instructions", "temperature")},
-        **{name: options.get(name) for name in ("top_p", "max_output_tokens")},
+        **FIXED,
+        **{name: options.get(name) for name in ECHOED},
         "conversation": {"id": f"conv_{message.conversation_id}"},
+    }
+
+
+def response_usage(prompt: int, completion: int, total: int) -> dict:
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": total,
     }
 
 
 def at_start(response: dict) -> dict:
     """What response.created and response.in_progress carry, in every stream."""
-    nothing_yet = {
-        "output": [],
-        "usage": None,
-        "error": None,
-        "incomplete_details": None,
-    }
-    return {**response, "status": "in_progress", **nothing_yet}
+    return {**response, "status": "in_progress", **NOTHING_YET}
 
 
 def split_at_pieces(text: str, piece_lengths: str | None, offset: int) -> Iterator[str]:
     """The text past `offset`, in deltas that end where the reply's pieces ended."""
-    start = offset
-    for end in itertools.accumulate(
-        map(int, filter(None, (piece_lengths or "").split(",")))
-    ):
+    start, lengths = offset, filter(None, (piece_lengths or "").split(","))
+    for end in itertools.accumulate(map(int, lengths)):
         if end >= len(text):
             break
         if end > start:
@@ -2265,20 +2262,15 @@ async def response_place(
     named = named.id if isinstance(named, ConversationRef) else named
     conversation_id = id_in(CONVERSATION_REF, named) if named else header_id
     if named and header_id and conversation_id != header_id:
-        raise HTTPException(
-            400, "conversation and X-Conversation-Id name different ones"
-        )
+        raise HTTPException(400, "conversation and X-Conversation-Id differ")
     if call.previous_response_id is not None:
         if named or header_id:
-            raise HTTPException(
-                400, "Use previous_response_id or conversation, not both"
-            )
-        row = await response_row(session, call.previous_response_id)
-        conversation = row and await locked_conversation(
-            session, row[0].conversation_id
-        )
+            raise HTTPException(400, "previous_response_id or conversation, not both")
+        if not (row := await response_row(session, call.previous_response_id)):
+            raise HTTPException(404, "Previous response not found")
+        conversation = await locked_conversation(session, row[0].conversation_id)
         # Read again under the lock: it may have been deleted since.
-        previous = row and await session.get(Message, row[0].id, populate_existing=True)
+        previous = await session.get(Message, row[0].id, populate_existing=True)
         if not previous:
             raise HTTPException(404, "Previous response not found")
         if previous.live:
@@ -2301,13 +2293,12 @@ async def start_response(
         raise HTTPException(400, f"input: the last message is over {limit} characters")
     conversation, parent_id = await response_place(call, header_id, session)
     conversation.model_type = call.model
-    instructions = (
-        [model_message("system", call.instructions)] if call.instructions else []
-    )
     context = await branch_context(session, parent_id)
-    messages = [*instructions, *context, *(model_message(*item) for item in items)]
+    messages = [*context, *(model_message(*item) for item in items)]
+    if call.instructions:
+        messages.insert(0, model_message("system", call.instructions))
     options = call.model_dump(
-        include=RESPONSE_OPTIONS, exclude_none=True, by_alias=True
+        include={*ECHOED, "tags"}, exclude_none=True, by_alias=True
     )
     message = Message(
         prompt_content=items[-1][1],
@@ -2317,12 +2308,11 @@ async def start_response(
         input_items=items,
         response_options={**options, "background": bool(call.background)},
     )
-    sampling = {"temperature": call.temperature, "top_p": call.top_p}
-    sampling["max_tokens"] = call.max_output_tokens
-    sampling = {name: value for name, value in sampling.items() if value is not None}
-    return await start_reply(
-        session, conversation, message, messages, sampling
-    ), message
+    sampling = call.model_dump(include={"temperature", "top_p"}, exclude_none=True)
+    if call.max_output_tokens:
+        sampling["max_tokens"] = call.max_output_tokens
+    reply = await start_reply(session, conversation, message, messages, sampling)
+    return reply, message
 
 
 @api.post("/v1/responses", response_class=Response, responses=OPENAI_ERRORS)
@@ -2381,13 +2371,10 @@ async def delete_response(found: FoundResponse, session: SessionDep) -> dict:
 
 
 def input_item(message_id: int, n: int, role: str, text: str) -> dict:
-    part = (
-        output_text(text)
-        if role == "assistant"
-        else {"type": "input_text", "text": text}
-    )
+    part = {"type": "input_text", "text": text}
+    content = [output_text(text) if role == "assistant" else part]
     item = {"id": f"msg_{message_id}_{n}", "type": "message", "role": role}
-    return {**item, "status": "completed", "content": [part]}
+    return {**item, "status": "completed", "content": content}
 
 
 @api.get("/v1/responses/{response_id}/input_items", responses=OPENAI_ERRORS)
