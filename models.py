@@ -196,8 +196,10 @@ class Message(MessageBase, table=True):
     piece_lengths: str | None = Field(default=None, sa_type=sa.Text)
     # A Responses call's input, [[role, text], ...] (its last item is the prompt), and its
     # options (instructions, metadata, sampling, background), returned as it was sent.
-    input_items: list | None = Field(default=None, sa_type=sa.JSON)
-    response_options: dict | None = Field(default=None, sa_type=sa.JSON)
+    input_items: list | None = Field(default=None, sa_type=sa.JSON(none_as_null=True))
+    response_options: dict | None = Field(
+        default=None, sa_type=sa.JSON(none_as_null=True)
+    )
 
 
 class MessageCreate(MessageBase):

@@ -4327,6 +4327,30 @@ def test_responses_another_process_on_the_database_resumes_and_numbers_alike(
         assert numbers(elsewhere, response_id) == numbers(sdk, response_id)
 
 
+def test_responses_after_kill_9_another_process_resumes_to_the_last_checkpoint(
+    start_app: Callable[..., Server],
+) -> None:
+    killed = start_app()
+    with openai_client(killed) as sdk:
+        stream = sdk.responses.create(
+            model="fake:pieces=100:gap_ms=50", input=unique("crash"), stream=True
+        )
+        seen, last = read_deltas(stream, 60)
+        response_id = f"resp_{stream.response.headers['x-message-id']}"
+        time.sleep(1.2)  # a checkpoint (every 500 ms) past what was seen
+        killed.process.kill()
+        killed.process.wait(5)
+    with openai_client(start_app(DEAD_TURN_SECONDS="3")) as sdk:
+        events = resumed(sdk, "retrieve", response_id, last)
+    final = events[-1].response
+    assert (events[-1].type, final.status, final.error.code) == (
+        "response.failed",
+        "failed",
+        "500",
+    )
+    assert seen + text_of_deltas(events) == final.output_text
+
+
 def test_responses_replays_give_every_event_the_number_it_had_live(
     sdk: openai.OpenAI,
 ) -> None:
