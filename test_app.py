@@ -424,9 +424,11 @@ def test_creating_a_conversation_trims_the_title_and_uses_the_default_model(
         "id",
         "title",
         "model_type",
+        "leaf_id",
         "created_at",
         "updated_at",
     }
+    assert conversation["leaf_id"] is None
 
 
 def test_timestamps_carry_an_explicit_utc_offset(client: httpx.Client) -> None:
@@ -3574,6 +3576,7 @@ def test_v1_calls_that_resend_the_growing_history_stay_in_one_conversation(
     assert [(m["prompt_content"], m["response_content"]) for m in stored] == [
         (messages[i]["content"], messages[i + 1]["content"]) for i in (1, 3, 5)
     ]
+    assert [m["parent_id"] for m in stored] == [None, stored[0]["id"], stored[1]["id"]]
 
 
 def test_v1_a_new_history_starts_a_conversation_with_its_earlier_pairs_as_turns(
@@ -3624,6 +3627,12 @@ def test_v1_x_conversation_id_picks_the_conversation_and_imports_nothing(
     )
     assert headers["x-conversation-id"] == str(conversation["id"])
     assert [m["prompt_content"] for m in turns(client, conversation["id"])] == ["q2"]
+    _, again = chat(
+        sdk, messages, extra_headers={"X-Conversation-Id": str(conversation["id"])}
+    )
+    followed = client.get(f"/messages/{again['x-message-id']}").json()
+    assert followed["parent_id"] == int(headers["x-message-id"])
+    assert leaf(client, conversation["id"]) == followed["id"]
     picked = client.get(f"/conversations/{conversation['id']}").json()
     assert picked["model_type"] == "fake:pieces=2"
 
@@ -3769,14 +3778,14 @@ def test_v1_a_call_beyond_max_live_replies_is_a_retryable_429(
     assert "x-should-retry" not in raised.value.response.headers
 
 
-def test_v1_calls_with_the_same_history_at_the_same_time_land_in_different_conversations(
-    server: Server, sdk: openai.OpenAI
+def test_v1_calls_with_the_same_history_at_the_same_time_are_siblings_in_one_conversation(
+    server: Server, sdk: openai.OpenAI, client: httpx.Client
 ) -> None:
     messages = [user(unique("shared"))]
     reply, first = chat(sdk, messages)
     messages += [assistant(reply), user("and then?")]
 
-    async def eight_at_once() -> set[str]:
+    async def eight_at_once() -> list[httpx.Headers]:
         async with openai.AsyncOpenAI(
             base_url=f"{server.url}/v1", api_key="unused", max_retries=0
         ) as client:
@@ -3786,17 +3795,19 @@ def test_v1_calls_with_the_same_history_at_the_same_time_land_in_different_conve
                 )
                 for _ in range(8)
             ]
-            return {
-                raw.headers["x-conversation-id"] for raw in await asyncio.gather(*calls)
-            }
+            return [raw.headers for raw in await asyncio.gather(*calls)]
 
-    conversations = asyncio.run(eight_at_once())
-    assert len(conversations) == 8
-    assert first["x-conversation-id"] in conversations
+    answers = asyncio.run(eight_at_once())
+    assert {headers["x-conversation-id"] for headers in answers} == {
+        first["x-conversation-id"]
+    }
+    siblings = [client.get(f"/messages/{h['x-message-id']}").json() for h in answers]
+    assert {turn["parent_id"] for turn in siblings} == {int(first["x-message-id"])}
+    assert len({turn["id"] for turn in siblings}) == 8
 
 
 def test_v1_a_failed_call_leaves_its_conversation_to_the_next_call_with_that_history(
-    sdk: openai.OpenAI,
+    sdk: openai.OpenAI, client: httpx.Client
 ) -> None:
     messages = [user(unique("q"))]
     reply, first = chat(sdk, messages)
@@ -3805,6 +3816,9 @@ def test_v1_a_failed_call_leaves_its_conversation_to_the_next_call_with_that_his
         chat(sdk, messages, model="fake:fail=500")
     _, retried = chat(sdk, messages)
     assert retried["x-conversation-id"] == first["x-conversation-id"]
+    assert client.get(f"/messages/{retried['x-message-id']}").json()[
+        "parent_id"
+    ] == int(first["x-message-id"])
 
 
 def test_v1_a_client_that_leaves_mid_stream_does_not_end_the_reply(
@@ -3962,6 +3976,11 @@ def database_before_branches(database: Database) -> None:
             f" {conversation_id}, 'q{message_id}', 'a{message_id}', {success}, {stamp},"
             f" {stamp})",
         )
+    if not url.startswith(
+        "sqlite"
+    ):  # the ids were given: the sequences go on after them
+        for table in ("conversations", "messages"):
+            run_sql(database, f"SELECT setval('{table}_id_seq', 100)")
 
 
 def test_the_branches_migration_makes_each_conversations_turns_one_branch(
@@ -3988,6 +4007,431 @@ def test_the_branches_migration_makes_each_conversations_turns_one_branch(
         (2, 6),
         (3, None),
     ]
+
+
+def test_after_the_branches_migration_a_v1_client_still_continues_its_conversation(
+    empty_database: Database, tmp_path: Path
+) -> None:
+    database_before_branches(empty_database)
+    with app_starter(tmp_path, "http://127.0.0.1:9") as start:
+        app = start(DATABASE_URL=empty_database.url)  # it migrates on start
+        with httpx.Client(base_url=app.url, timeout=10) as client:
+            assert branch(client, 1) == ["q1", "q3", "q2"]
+            history = [{"role": role, "content": text} for role, text in OLD_THREAD]
+            answer = client.post(
+                "/v1/chat/completions",
+                json={"model": "echo", "messages": [*history, user("q7")]},
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-conversation-id"] == "2"
+            assert [
+                m["id"]
+                for m in client.get(
+                    "/conversations/2/messages", params={"all": "true"}
+                ).json()
+            ] == [4, 5, 6, int(answer.headers["x-message-id"])]
+            assert (
+                client.get(f"/messages/{answer.headers['x-message-id']}").json()[
+                    "parent_id"
+                ]
+                == 5
+            )
+            assert len(client.get("/conversations").json()) == 3  # nothing imported
+
+
+# Branches --------------------------------------------------------------------------------
+
+
+def regenerate(
+    client: httpx.Client, message_id: int, body: object = None
+) -> tuple[httpx.Response, list[tuple[str, dict]]]:
+    """POST /messages/{id}/regenerate: the response, and its events when it streamed."""
+    kwargs = {} if body is None else {"json": body}
+    with client.stream(
+        "POST", f"/messages/{message_id}/regenerate", **kwargs
+    ) as response:
+        if response.status_code != 200:
+            response.read()
+            return response, []
+        return response, list(iter_events(response))
+
+
+def chain(client: httpx.Client, conversation_id: int, *prompts: str) -> list[dict]:
+    """Successful turns stored one after another; returns them."""
+    return [
+        add_message(
+            client,
+            conversation_id,
+            prompt_content=prompt,
+            response_content=f"re {prompt}",
+            is_success=True,
+        )
+        for prompt in prompts
+    ]
+
+
+def branch(client: httpx.Client, conversation_id: int, **params: object) -> list[str]:
+    """The prompts of the active branch (or, with all=True, of every turn)."""
+    response = client.get(f"/conversations/{conversation_id}/messages", params=params)
+    assert response.status_code == 200, response.text
+    return [message["prompt_content"] for message in response.json()]
+
+
+def leaf(client: httpx.Client, conversation_id: int) -> int | None:
+    return client.get(f"/conversations/{conversation_id}").json()["leaf_id"]
+
+
+def switch(client: httpx.Client, conversation_id: int, leaf_id: int | None) -> dict:
+    response = client.patch(
+        f"/conversations/{conversation_id}", json={"leaf_id": leaf_id}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_generated_turn_follows_the_leaf_and_becomes_it(client: httpx.Client) -> None:
+    _, events = generate(client, prompt="first")
+    first = events[-1][1]
+    _, events = generate(
+        client, prompt="second", conversation_id=first["conversation_id"]
+    )
+    second = events[-1][1]
+    assert (first["parent_id"], second["parent_id"]) == (None, first["id"])
+    assert leaf(client, first["conversation_id"]) == second["id"]
+
+
+def test_a_stored_turn_follows_the_leaf_and_becomes_it(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    first, second = chain(client, conversation["id"], "q1", "q2")
+    assert (first["parent_id"], second["parent_id"]) == (None, first["id"])
+    assert leaf(client, conversation["id"]) == second["id"]
+
+
+def test_a_turn_is_the_leaf_as_soon_as_it_is_stored_before_its_reply_ends(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=20:gap_ms=50")
+    params = {"prompt": "slow", "conversation_id": conversation["id"]}
+    with client.stream("GET", "/text/generate/stream", params=params) as response:
+        events = iter_events(response)
+        started = next(events)[1]
+        assert leaf(client, conversation["id"]) == started["message_id"]
+        assert list(events)[-1][0] == "done"
+    assert leaf(client, conversation["id"]) == started["message_id"]
+
+
+def test_regenerate_streams_a_sibling_with_the_same_prompt_as_generation_does(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    first, second = chain(client, conversation["id"], "q1", "say this again")
+    with client.stream("POST", f"/messages/{second['id']}/regenerate") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-conversation-id"] == str(conversation["id"])
+        lines = list(response.iter_lines())
+    events = [
+        line.removeprefix("event:").strip()
+        for line in lines
+        if line.startswith("event:")
+    ]
+    assert events == ["start", "done"]
+    data = [
+        json.loads(line.removeprefix("data:"))
+        for line in lines
+        if line.startswith("data:")
+    ]
+    started, done = data[0], data[-1]
+    new_id = started["message_id"]
+    assert started == {"conversation_id": conversation["id"], "message_id": new_id}
+    ids = [line.removeprefix("id:").strip() for line in lines if line.startswith("id:")]
+    assert ids[0] == f"{new_id}:0" and ids[-1] == f"{new_id}:end"
+    assert any(line.startswith("retry:") for line in lines)
+    assert (done["prompt_content"], done["response_content"]) == ("say this again",) * 2
+    assert (done["parent_id"], done["is_success"], done["live"]) == (
+        first["id"],
+        True,
+        False,
+    )
+    assert leaf(client, conversation["id"]) == new_id
+
+
+def test_regenerate_with_a_prompt_is_an_edit_and_keeps_the_old_branch(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    first, second, third = chain(client, conversation["id"], "q1", "q2", "q3")
+    response, events = regenerate(client, second["id"], {"prompt": "q2 edited"})
+    assert response.status_code == 200
+    edited = events[-1][1]
+    assert (edited["prompt_content"], edited["parent_id"]) == ("q2 edited", first["id"])
+    assert branch(client, conversation["id"]) == ["q1", "q2 edited"]
+    assert branch(client, conversation["id"], all=True) == [
+        "q1",
+        "q2",
+        "q3",
+        "q2 edited",
+    ]
+    assert client.get(f"/messages/{third['id']}").json() == third
+
+
+def test_regenerate_gives_the_model_the_branch_it_joins_as_history(
+    client: httpx.Client, llm_requests: list[dict]
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=1")
+    first, second, _ = chain(client, conversation["id"], "q1", "q2", "q3")
+    regenerate(client, second["id"], {"prompt": "other q2"})
+    assert llm_requests[-1]["messages"] == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "re q1"},
+        {"role": "user", "content": "other q2"},
+    ]
+    regenerate(client, first["id"])
+    assert llm_requests[-1]["messages"] == [{"role": "user", "content": "q1"}]
+
+
+def test_regenerate_of_an_unknown_message_is_404_and_stores_nothing(
+    client: httpx.Client,
+) -> None:
+    response, _ = regenerate(client, 2_000_000_000)
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Message not found"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"prompt": ""}, {"prompt": "  "}, {"prompt": 5}, {"prompt": "a\x00b"}, ["q"]],
+    ids=["empty", "blank", "number", "nul", "list"],
+)
+def test_regenerate_with_a_bad_body_is_422_and_stores_nothing(
+    client: httpx.Client, body: object
+) -> None:
+    conversation = new_conversation(client)
+    (turn,) = chain(client, conversation["id"], "q1")
+    response, _ = regenerate(client, turn["id"], body)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+    assert branch(client, conversation["id"], all=True) == ["q1"]
+
+
+def test_the_active_branch_is_listed_first_turn_first_in_pages_and_all_lists_every_turn(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    q1, q2, _ = chain(client, conversation["id"], "q1", "q2", "q3")
+    switch(client, conversation["id"], q1["id"])
+    chain(client, conversation["id"], "b2", "b3", "b4")
+    assert branch(client, conversation["id"]) == ["q1", "b2", "b3", "b4"]
+    assert branch(client, conversation["id"], skip=1, take=2) == ["b2", "b3"]
+    every = client.get(
+        f"/conversations/{conversation['id']}/messages", params={"all": "true"}
+    ).json()
+    assert [m["prompt_content"] for m in every] == ["q1", "q2", "q3", "b2", "b3", "b4"]
+    assert [m["parent_id"] for m in every][:4] == [None, q1["id"], q2["id"], q1["id"]]
+
+
+def test_switching_the_leaf_changes_the_branch_but_not_updated_at(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    q1, q2 = chain(client, conversation["id"], "q1", "q2")
+    before = client.get(f"/conversations/{conversation['id']}").json()
+    switched = switch(client, conversation["id"], q1["id"])
+    assert (switched["leaf_id"], switched["updated_at"]) == (
+        q1["id"],
+        before["updated_at"],
+    )
+    assert branch(client, conversation["id"]) == ["q1"]
+    renamed = client.patch(
+        f"/conversations/{conversation['id']}",
+        json={"title": "Renamed", "leaf_id": q2["id"]},
+    ).json()
+    assert (renamed["title"], renamed["leaf_id"]) == ("Renamed", q2["id"])
+    assert renamed["updated_at"] > before["updated_at"]
+
+
+@pytest.mark.parametrize("leaf_id", ["another's", 2_000_000_000, "text", 0])
+def test_a_leaf_that_is_not_a_turn_of_the_conversation_is_422_and_changes_nothing(
+    client: httpx.Client, leaf_id: object
+) -> None:
+    conversation = new_conversation(client)
+    (turn,) = chain(client, conversation["id"], "q1")
+    if leaf_id == "another's":
+        leaf_id = chain(client, new_conversation(client)["id"], "elsewhere")[0]["id"]
+    response = client.patch(
+        f"/conversations/{conversation['id']}", json={"leaf_id": leaf_id, "title": "No"}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"]
+    after = client.get(f"/conversations/{conversation['id']}").json()
+    assert (after["leaf_id"], after["title"]) == (turn["id"], "A chat")
+
+
+def test_a_null_leaf_makes_the_next_turn_a_new_first_turn(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    chain(client, conversation["id"], "q1", "q2")
+    assert switch(client, conversation["id"], None)["leaf_id"] is None
+    assert branch(client, conversation["id"]) == []
+    (fresh,) = chain(client, conversation["id"], "anew")
+    assert fresh["parent_id"] is None
+    assert branch(client, conversation["id"]) == ["anew"]
+    assert len(branch(client, conversation["id"], all=True)) == 3
+
+
+def test_switching_back_restores_what_the_model_gets(
+    client: httpx.Client, llm_requests: list[dict]
+) -> None:
+    conversation = new_conversation(client, model_type="fake:pieces=1")
+    q1, q2 = chain(client, conversation["id"], "q1", "q2")
+    _, events = regenerate(client, q2["id"], {"prompt": "q2 edited"})
+    edited = events[-1][1]
+    switch(client, conversation["id"], q2["id"])
+    generate(client, prompt="next", conversation_id=conversation["id"])
+    assert [m["content"] for m in llm_requests[-1]["messages"]] == [
+        "q1",
+        "re q1",
+        "q2",
+        "re q2",
+        "next",
+    ]
+    switch(client, conversation["id"], edited["id"])
+    generate(client, prompt="next", conversation_id=conversation["id"])
+    assert [m["content"] for m in llm_requests[-1]["messages"]] == [
+        "q1",
+        "re q1",
+        "q2 edited",
+        "w0 ",
+        "next",
+    ]
+
+
+def test_deleting_a_middle_turn_makes_the_turns_after_it_follow_its_parent(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    q1, q2, q3 = chain(client, conversation["id"], "q1", "q2", "q3")
+    _, events = regenerate(client, q3["id"], {"prompt": "q3 again"})
+    assert client.delete(f"/messages/{q2['id']}").status_code == 204
+    assert client.get(f"/messages/{q3['id']}").json()["parent_id"] == q1["id"]
+    assert (
+        client.get(f"/messages/{events[-1][1]['id']}").json()["parent_id"] == q1["id"]
+    )
+    assert branch(client, conversation["id"]) == ["q1", "q3 again"]
+
+
+def test_deleting_the_leaf_makes_its_parent_the_leaf(client: httpx.Client) -> None:
+    conversation = new_conversation(client)
+    q1, q2 = chain(client, conversation["id"], "q1", "q2")
+    assert client.delete(f"/messages/{q2['id']}").status_code == 204
+    assert leaf(client, conversation["id"]) == q1["id"]
+    assert branch(client, conversation["id"]) == ["q1"]
+    assert client.delete(f"/messages/{q1['id']}").status_code == 204
+    assert leaf(client, conversation["id"]) is None
+    assert chain(client, conversation["id"], "anew")[0]["parent_id"] is None
+
+
+def test_turns_started_at_once_on_one_leaf_are_all_kept_each_after_the_leaf_when_stored(
+    server: Server,
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        conversation = new_conversation(client, model_type="fake:pieces=3:gap_ms=100")
+        (first,) = chain(client, conversation["id"], "q0")
+
+    async def at_once() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+
+            async def one(i: int) -> int:
+                params = {"prompt": f"q{i}", "conversation_id": conversation["id"]}
+                async with client.stream(
+                    "GET", "/text/generate/stream", params=params
+                ) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data:"):
+                            return json.loads(line.removeprefix("data:"))["message_id"]
+
+            return await asyncio.gather(*(one(i) for i in range(1, 9)))
+
+    started = sorted(asyncio.run(at_once()))
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        every = client.get(
+            f"/conversations/{conversation['id']}/messages", params={"all": "true"}
+        ).json()
+        stored = {m["id"]: m["parent_id"] for m in every}
+        assert set(stored) == {first["id"], *started}  # none lost
+        # Writers in one conversation take turns: each follows the one stored before it.
+        assert [stored[i] for i in started] == [first["id"], *started[:-1]]
+        assert leaf(client, conversation["id"]) == started[-1]
+        for message_id in started:
+            wait_for(finished_turn(client, message_id))
+
+
+def test_v1_the_same_history_again_is_a_sibling_in_the_same_conversation(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    messages = [user(unique("q1"))]
+    reply, first = chat(sdk, messages)
+    messages += [assistant(reply), user("q2")]
+    _, second = chat(sdk, messages)
+    _, regenerated = chat(sdk, messages)  # what a client's Regenerate sends
+    assert regenerated["x-conversation-id"] == first["x-conversation-id"]
+    siblings = [
+        client.get(f"/messages/{h['x-message-id']}").json()
+        for h in (second, regenerated)
+    ]
+    assert [turn["parent_id"] for turn in siblings] == [int(first["x-message-id"])] * 2
+    assert leaf(client, first["x-conversation-id"]) == siblings[1]["id"]
+
+
+def test_v1_a_history_cut_before_an_earlier_message_with_new_text_branches_there(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, user(unique("q1"))]
+    for prompt in ("q2", "q3"):
+        reply, headers = chat(sdk, messages)
+        messages += [assistant(reply), user(prompt)]
+    first_turn = turns(client, headers["x-conversation-id"])[0]
+    _, edited = chat(sdk, [*messages[:3], user("q2, edited")])
+    assert edited["x-conversation-id"] == headers["x-conversation-id"]
+    turn = client.get(f"/messages/{edited['x-message-id']}").json()
+    assert turn["parent_id"] == first_turn["id"]
+    assert branch(client, turn["conversation_id"])[-1] == "q2, edited"
+    assert len(branch(client, turn["conversation_id"], all=True)) == 3
+
+
+def test_v1_a_failed_turn_is_never_continued_by_path(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    messages = [user(unique("q1"))]
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(sdk.with_options(max_retries=0), messages, model="fake:fail=500")
+    failed = raised.value.response.headers["x-conversation-id"]
+    assert [m["is_success"] for m in turns(client, failed)] == [False]
+    # The history as if the failed turn's empty reply had been the answer.
+    _, later = chat(sdk, [*messages, assistant(""), user("q2")])
+    assert later["x-conversation-id"] != failed
+
+
+def test_v1_after_kill_9_mid_call_the_retry_continues_the_same_conversation(
+    start_app: Callable[..., Server], client: httpx.Client
+) -> None:
+    killed = start_app()
+    messages = [user(unique("q1")), assistant("a1"), user("q2")]
+    with openai_client(killed) as sdk:
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="fake:pieces=100:gap_ms=50", messages=messages, stream=True
+        )
+        conversation_id = raw.headers["x-conversation-id"]
+        killed.process.kill()
+        killed.process.wait(5)
+    with openai_client(start_app()) as sdk:
+        _, retried = chat(sdk, messages)
+    assert retried["x-conversation-id"] == conversation_id
+    stored = branch(client, conversation_id, all=True)
+    assert stored == [messages[0]["content"], "q2", "q2"]  # nothing imported again
+    dead, retry = client.get(
+        f"/conversations/{conversation_id}/messages", params={"all": "true"}
+    ).json()[1:]
+    assert dead["parent_id"] == retry["parent_id"]
 
 
 # OpenAI Responses API --------------------------------------------------------------------
