@@ -808,6 +808,9 @@ class LiveReply:
     message_id: int
     conversation_id: int
     pieces: list[str] = field(default_factory=list)
+    lengths: list[str] = field(
+        default_factory=list
+    )  # the pieces', as text (checkpoints)
     length: int = 0  # characters so far
     finish_reason: str | None = None  # why the model stopped, as it said (stop, length)
     usage: dict[str, int | None] = field(default_factory=dict)
@@ -831,6 +834,7 @@ class LiveReply:
         piece = storable_piece(piece)[:room]
         if piece:
             self.pieces.append(piece)
+            self.lengths.append(str(len(piece)))
             self.length += len(piece)
             self.wake_followers()
         return len(piece) < room
@@ -848,7 +852,7 @@ class LiveReply:
         }
 
     def piece_lengths(self) -> str:
-        return ",".join(str(len(piece)) for piece in self.pieces)
+        return ",".join(self.lengths)
 
     def wake_followers(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()
