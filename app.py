@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from html import escape as html_escape
+from ipaddress import ip_address
 from pathlib import Path as FilePath
 from select import select as readable  # the socket kind; queries use sqlmodel's select
 from typing import Annotated, Any, Literal
@@ -34,7 +35,6 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from fastapi import (
     APIRouter,
-    Body,
     Depends,
     FastAPI,
     Header,
@@ -54,8 +54,6 @@ from fastapi_offline import FastAPIOffline
 from openai.types.chat import ChatCompletionChunk
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -74,19 +72,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models import (
     INT32_MAX,
     MAX_TEXT_CHARS,
-    STRICT,
-    Content,
+    ChatRequest,
     Conversation,
     ConversationCreate,
     ConversationRef,
     ConversationPublic,
     ConversationReplace,
     ConversationUpdate,
+    ErrorDetail,
+    GenerateQuery,
+    GenerateRequest,
     Message,
     MessageCreate,
     MessagePublic,
-    ModelType,
+    OpenAIErrorBody,
+    RegenerateRequest,
     ResponseRequest,
+    developer_is_system,
+    Sampling,
     storable_piece,
     storable_text,
     utc_now,
@@ -116,6 +119,8 @@ class Settings(BaseSettings):
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
     cors_origins: str = ""  # comma-separated; see "Browsers" below
+    allowed_hosts: str = ""  # comma-separated; see "Browsers" below
+    max_body_bytes: int = Field(default=16_000_000, ge=1)
     checkpoint_ms: int = Field(default=500, ge=10)
     dead_turn_seconds: float = Field(default=30, ge=3)
     max_live_replies: int = Field(default=100, ge=1)
@@ -326,9 +331,13 @@ def one_line(text: str, width: int) -> str:
     return head.rstrip() + "..."
 
 
+# The title of a conversation that has none yet (the page's new chats): its next turn titles it.
+UNTITLED = "New conversation"
+
+
 def short_title(text: str) -> str:
     """At most 60 characters; the prompt's own words serve until the LLM's title is in."""
-    return one_line(text, 60).strip("\"'` ") or "New conversation"
+    return one_line(text, 60).strip("\"'` ") or UNTITLED
 
 
 def upstream_error(error: openai.APIStatusError) -> str:
@@ -369,10 +378,10 @@ def shutdown_signals_stop_live_work() -> Iterator[None]:
     """Run stop_live_work on SIGINT/SIGTERM, then hand the signal on to the server (uvicorn)."""
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in signals}
-    in_a_server = threading.current_thread() is threading.main_thread() and all(
-        map(callable, previous.values())
-    )
-    if not in_a_server:  # e.g. a test client running the app in a thread
+    # A server (uvicorn) handles both, from the main thread; a test client running the app
+    # in a thread has no handlers to hand on to.
+    handled = all(callable(handler) for handler in previous.values())
+    if not handled or threading.current_thread() is not threading.main_thread():
         yield
         return
     loop = asyncio.get_running_loop()
@@ -441,6 +450,43 @@ async def http_error(request: Request, error: StarletteHTTPException) -> JSONRes
     return error_for(request.url.path, error.status_code, error.detail, error.headers)
 
 
+BODY_LIMITS: dict[str, int] = {}  # a path's own limit instead of MAX_BODY_BYTES
+
+
+class LimitBodies:
+    """413 for a body over the limit, before the app runs: a larger one is never read whole.
+    The app then reads the body as it came. Pure ASGI."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = BODY_LIMITS.get(scope["path"], settings.max_body_bytes)
+        message = f"The request body is over {limit:,} bytes (MAX_BODY_BYTES)"
+        too_large = error_for(scope["path"], 413, message)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await too_large(scope, receive, send)
+        messages, received = [], 0
+        while not messages or messages[-1].get("more_body"):
+            messages.append(part := await receive())
+            received += len(part.get("body", b""))
+            if part["type"] == "http.disconnect":
+                return  # the client left
+            if received > limit:  # sent without a Content-Length (chunked)
+                return await too_large(scope, receive, send)
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+app.add_middleware(LimitBodies)  # inside CORS and the guards: added before them
+
+
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
     logger.error("Database unavailable: %s", error)
     return error_for(request.url.path, 503, "Database unavailable")
@@ -456,7 +502,7 @@ for error_class in DATABASE_ERRORS:
 async def deleted_meanwhile(request: Request, error: Exception) -> JSONResponse:
     # A DELETE committed between this request's read and its write: the row it changes is
     # gone (StaleDataError), or the conversation a new row belongs to (a foreign key error).
-    gone = "Message" if request.url.path.startswith("/messages/") else "Conversation"
+    gone = "Message" if "message_id" in request.path_params else "Conversation"
     return error_for(request.url.path, 404, f"{gone} not found")
 
 
@@ -855,8 +901,10 @@ class LiveReply:
         return ",".join(self.lengths)
 
     def wake_followers(self) -> None:
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
+        # Followers wait on the event they saw; later ones get a new, unset event.
+        woken = self.changed
+        self.changed = asyncio.Event()
+        woken.set()
 
     def end(self, status_code: int, detail: str) -> None:
         if self.ended_by is None:
@@ -1027,35 +1075,13 @@ async def close_dead_turns_forever() -> None:
 # Generation ------------------------------------------------------------------------------
 
 
-def prompt_fits(prompt: str) -> str:
-    if not prompt.strip():
-        raise ValueError("must not be empty")
+def prompt_within_limit(prompt: str, where: tuple[str, ...]) -> None:
+    """MAX_PROMPT_CHARS is a setting, so it is checked here, not in the request's schema."""
     if len(prompt) > settings.max_prompt_chars:
-        raise ValueError(
-            f"must be at most {settings.max_prompt_chars} characters (MAX_PROMPT_CHARS)"
+        limit = f"at most {settings.max_prompt_chars} characters (MAX_PROMPT_CHARS)"
+        raise RequestValidationError(
+            [{"type": "string_too_long", "loc": where, "msg": f"must be {limit}"}]
         )
-    return prompt
-
-
-Prompt = Annotated[str, AfterValidator(storable_text), AfterValidator(prompt_fits)]
-
-
-class GenerateRequest(SQLModel):
-    model_config = STRICT
-
-    prompt: Prompt
-    conversation_id: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
-
-
-class RegenerateRequest(SQLModel):
-    model_config = STRICT
-
-    prompt: Prompt | None = None  # None: the prompt of the message regenerated
-
-
-class GenerateQuery(GenerateRequest):
-    # A query string is text: ?conversation_id=5 is a number.
-    model_config = ConfigDict(strict=False)
 
 
 def validated(model: type[SQLModel], data: object) -> Any:
@@ -1064,6 +1090,16 @@ def validated(model: type[SQLModel], data: object) -> Any:
         return model.model_validate(data)
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from None
+
+
+async def json_body(request: Request) -> object:
+    try:
+        return json.loads(await request.body())
+    except ValueError:  # not JSON, or not UTF-8
+        message = "The body must be JSON"
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": message}]
+        ) from None
 
 
 def refuse_when_busy() -> None:
@@ -1077,18 +1113,20 @@ def refuse_when_busy() -> None:
 
 async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
     """A turn of /text/generate/stream: it follows the conversation's leaf."""
+    prompt_within_limit(request.prompt, ("prompt",))
     refuse_when_busy()
     if request.conversation_id is None:
-        model = settings.default_model
-        conversation = Conversation(title=short_title(request.prompt), model_type=model)
+        conversation = Conversation(title=UNTITLED, model_type=settings.default_model)
     else:
         conversation = await locked_conversation(session, request.conversation_id)
+    untitled = conversation.title == UNTITLED
+    if untitled:  # the prompt's first words, until the model's title is in
+        conversation.title = short_title(request.prompt)
     parent_id = conversation.leaf_id
     reply = await start_generated(session, conversation, parent_id, request.prompt)
-    if request.conversation_id is None and conversation.model_type != ECHO:
-        in_background(
-            write_title(conversation.id, conversation.title, model, request.prompt)
-        )
+    if untitled and conversation.model_type != ECHO:
+        title = conversation.title, conversation.model_type, request.prompt
+        in_background(write_title(conversation.id, *title))
     return reply
 
 
@@ -1103,7 +1141,12 @@ async def start_sibling(
     message = await session.get(Message, message_id, populate_existing=True)
     if message is None:
         raise HTTPException(404, "Message not found")
-    prompt = prompt or message.prompt_content
+    if (
+        prompt is None
+    ):  # the stored prompt is not checked against MAX_PROMPT_CHARS again
+        prompt = message.prompt_content
+    else:
+        prompt_within_limit(prompt, ("body", "prompt"))
     return await start_generated(session, conversation, message.parent_id, prompt)
 
 
@@ -1271,225 +1314,110 @@ def resumed_from(last_event_id: str | None) -> tuple[int, int | None] | None:
 
 # What the streams send, for the OpenAPI document (/docs) ----------------------------------
 
-
-class StreamStart(SQLModel):
-    conversation_id: int
-    message_id: int
-
-
-class StreamPiece(SQLModel):
-    content: str
-
-
-class StreamError(SQLModel):
-    detail: str
-    status_code: int
-
-
-class ErrorDetail(SQLModel):
-    detail: str | list[dict[str, Any]]
-
-
-def sse_event(name: str | None, data: dict, about: str, last: bool = False) -> dict:
-    """One kind of server-sent event: its `event:` name (None: unnamed), `id:` and JSON `data:`."""
-    event_id = (
-        {"type": "string", "pattern": r"^\d+:end$", "description": "<message_id>:end"}
-        if last
-        else {
-            "type": "string",
-            "pattern": r"^\d+:\d+$",
-            "description": "<message_id>:<offset>, the reply's length in code points so far",
-        }
-    )
-    fields = {"id": event_id}
-    if name:
-        fields["event"] = {"const": name}
-    if name == "start":
-        fields["retry"] = {"type": "integer", "description": "reconnect delay, ms"}
-    fields["data"] = {
-        "type": "string",
-        "contentMediaType": "application/json",
-        "contentSchema": data,
-    }
-    required = ["id", "data"] + (["event"] if name else [])
-    title = name or "piece (unnamed: a browser's 'message')"
-    return {
-        "title": title,
-        "description": about,
-        "properties": fields,
-        "required": required,
-    }
-
-
-STREAM_EVENTS = [
-    sse_event(
-        "start",
-        StreamStart.model_json_schema(),
-        "First: the turn is stored (prompt saved, is_success null).",
-    ),
-    sse_event(None, StreamPiece.model_json_schema(), "The next piece of the reply."),
-    sse_event(
-        "done",
-        {"$ref": "#/components/schemas/MessagePublic"},
-        "Last, on success: the message as stored.",
-        last=True,
-    ),
-    sse_event(
-        "error",
-        StreamError.model_json_schema(),
-        "Last, on failure: the upstream's status, 499 stopped, 502, 503, 504, 410 deleted.",
-        last=True,
-    ),
-]
-STREAM_EXAMPLE = """event: start
-id: 7:0
-retry: 3000
-data: {"conversation_id": 3, "message_id": 7}
-
-id: 7:6
-data: {"content": "hello "}
-
-id: 7:11
-data: {"content": "there"}
-
-event: done
-id: 7:end
-data: {"id": 7, "conversation_id": 3, "response_content": "hello there", ...}
-
-"""
-
-
-STREAM_DESCRIPTION = """A `text/event-stream` of these events, in this order (the schema of each
-is in `itemSchema`):
+STREAM_DESCRIPTION = """A `text/event-stream` of these events, in this order:
 
 | event | `id:` | `data:` (JSON) |
 |---|---|---|
-| `start` (also `retry:`) | `<message_id>:<offset>` | `{"conversation_id": int, "message_id": int}` |
+| `start` (with `retry:`) | `<message_id>:<offset>` | `{"conversation_id": int, "message_id": int}` |
 | unnamed, zero or more | `<message_id>:<offset>` | `{"content": str}`: the next piece of the reply |
-| `done`, or | `<message_id>:end` | the Message as stored |
+| `done`, or | `<message_id>:end` | the message as stored (`MessagePublic`) |
 | `error` | `<message_id>:end` | `{"detail": str, "status_code": int}` |
 
 The offset counts the reply's characters (code points) so far: send the last `id` back as
-`Last-Event-ID` to `GET /messages/{message_id}/stream` to resume."""
+`Last-Event-ID` to `GET /messages/{message_id}/stream` to resume. Every error status comes
+before the first byte, as JSON."""
 
-
-def error_response(description: str) -> dict:
-    schema = ErrorDetail.model_json_schema()
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": schema}},
-    }
-
-
-RESPONSES: dict[int, dict] = {
-    200: {
-        "description": STREAM_DESCRIPTION,
-        "content": {
-            "text/event-stream": {
-                "itemSchema": {"oneOf": STREAM_EVENTS},
-                "example": STREAM_EXAMPLE,
-            }
-        },
-    },
-    204: {
-        "description": "`Last-Event-ID` was `<message_id>:end`: the client has the last event"
-    },
-    401: error_response("Missing or wrong API key (when API_KEY is set)"),
-    403: error_response("A browser request from another site (see CORS_ORIGINS)"),
-    404: error_response("Unknown conversation or message"),
-    409: error_response("The turn has already ended"),
-    422: error_response("Invalid prompt, body or parameter"),
-    429: error_response("MAX_LIVE_REPLIES replies are running already (Retry-After)"),
+ERRORS = {
+    401: "Missing or wrong API key (when API_KEY is set)",
+    403: "A browser request from another site (see CORS_ORIGINS)",
+    404: "Unknown conversation or message",
+    409: "The turn has already ended",
+    422: "Invalid prompt, body or parameter",
+    429: "MAX_LIVE_REPLIES replies are running already (Retry-After)",
 }
+STREAM = {"description": STREAM_DESCRIPTION, "content": {"text/event-stream": {}}}
 
 
-def documented(*statuses: int) -> dict[int | str, dict]:
-    """The responses an endpoint can give; every error comes before a stream's first byte."""
-    return {status: RESPONSES[status] for status in statuses}
+def documented(*statuses: int, stream: bool = True) -> dict[int | str, dict]:
+    """For the document: the errors an endpoint gives (before a stream's first byte)."""
+    errors = {s: {"model": ErrorDetail, "description": ERRORS[s]} for s in statuses}
+    return {200: STREAM, **errors} if stream else errors
 
 
-def query_parameters(model: type[SQLModel]) -> dict:
-    """The query a hand-validated endpoint reads (see `validated`), for the document."""
+def request_schema(model: type[SQLModel], where: str) -> dict:
+    """For the document: the query or body that an endpoint validates by hand."""
     schema = model.model_json_schema()
-    return {
-        "parameters": [
-            {
-                "name": name,
-                "in": "query",
-                "required": name in schema.get("required", []),
-                "schema": field_schema,
-            }
-            for name, field_schema in schema["properties"].items()
-        ]
-    }
-
-
-def json_body(model: type[SQLModel], required: bool = True) -> dict:
-    schema = model.model_json_schema()
-    return {
-        "requestBody": {
-            "required": required,
-            "content": {"application/json": {"schema": schema}},
+    if where == "body":
+        content = {"application/json": {"schema": schema}}
+        required = bool(
+            schema.get("required")
+        )  # a body of optional fields may be left out
+        return {"requestBody": {"required": required, "content": content}}
+    parameters = [
+        {
+            "name": name,
+            "in": "query",
+            "required": name in schema["required"],
+            "schema": field,
         }
-    }
+        for name, field in schema["properties"].items()
+    ]
+    return {"parameters": parameters}
 
 
 @api.get(
     "/text/generate/stream",
-    response_class=Response,  # for the document: it returns an event stream or a 204
-    responses=documented(200, 401, 403, 404, 422, 429),
-    openapi_extra=query_parameters(GenerateQuery),
+    response_class=Response,  # an event stream, or a 204 for a finished reconnect
+    responses=documented(401, 403, 404, 422, 429),
+    openapi_extra=request_schema(GenerateQuery, "query"),
+)
+@api.post(
+    "/text/generate/stream",
+    response_class=Response,
+    responses=documented(401, 403, 404, 422, 429),
+    openapi_extra=request_schema(GenerateRequest, "body"),
 )
 async def generate_stream(
     request: Request, session: SessionDep, last_event_id: LastEventId = None
 ) -> Response:
-    # A browser's EventSource reconnects with the same URL: that must not start a new turn.
+    # A browser's EventSource reconnects with the same request: that starts no new turn.
     if resumed := resumed_from(last_event_id):
         return await follow(*resumed, session)
-    body = validated(GenerateQuery, dict(request.query_params))
-    return event_stream(await start_turn(body, session), 0)
-
-
-@api.post(
-    "/text/generate/stream",
-    response_class=Response,
-    responses=documented(200, 401, 403, 404, 422, 429),
-    openapi_extra=json_body(GenerateRequest),
-)
-async def generate_stream_post(
-    session: SessionDep,
-    body: Annotated[Any, Body()] = None,
-    last_event_id: LastEventId = None,
-) -> Response:
-    if resumed := resumed_from(last_event_id):
-        return await follow(*resumed, session)
-    return event_stream(await start_turn(validated(GenerateRequest, body), session), 0)
+    if request.method == "GET":
+        turn = validated(GenerateQuery, dict(request.query_params))
+    else:
+        turn = validated(GenerateRequest, await json_body(request))
+    return event_stream(await start_turn(turn, session), 0)
 
 
 @api.post(
     "/messages/{message_id}/regenerate",
     response_class=Response,
-    responses=documented(200, 401, 403, 404, 422, 429),
-    openapi_extra=json_body(RegenerateRequest, required=False),
+    responses=documented(401, 403, 404, 422, 429),
+    openapi_extra=request_schema(RegenerateRequest, "body"),
 )
 async def regenerate(
     message_id: MessageId,
+    request: Request,
     session: SessionDep,
-    body: Annotated[Any, Body()] = None,
     last_event_id: LastEventId = None,
 ) -> Response:
     """A sibling of the message: its prompt again, or a new one (an edit), streamed as
     POST /text/generate/stream streams a turn."""
     if resumed := resumed_from(last_event_id):
         return await follow(*resumed, session)
-    prompt = validated(RegenerateRequest, {} if body is None else body).prompt
+    body = await json_body(request) if await request.body() else {}
+    prompt = validated(RegenerateRequest, body).prompt
     return event_stream(await start_sibling(message_id, prompt, session), 0)
 
 
 @api.get(
     "/messages/{message_id}/stream",
     response_class=Response,
-    responses=documented(200, 204, 401, 403, 404, 422),
+    responses={
+        **documented(401, 403, 404, 422),
+        204: {"description": "`Last-Event-ID` was `<message_id>:end`"},
+    },
 )
 async def follow_stream(
     message_id: MessageId,
@@ -1506,7 +1434,7 @@ async def follow_stream(
 @api.post(
     "/messages/{message_id}/stop",
     status_code=202,
-    responses=documented(401, 403, 404, 409),
+    responses=documented(401, 403, 404, 409, stream=False),
 )
 async def stop_reply(message: MessageDep, session: SessionDep) -> MessagePublic:
     if not message.live:
@@ -1551,15 +1479,14 @@ def event_stream(turn: LiveReply | Message, offset: int) -> EventSourceResponse:
         "X-Message-Id": str(message_id),
         **STREAM_HEADERS,
     }
-    ids = json.dumps({"conversation_id": conversation_id, "message_id": message_id})
-    start = sse("start", ids, f"{message_id}:{offset}", retry=RETRY_MS)
-    return EventSourceResponse(prepend(start, events), headers=headers)
+    ids = {"conversation_id": conversation_id, "message_id": message_id}
 
+    async def start_then_events() -> AsyncIterator[bytes]:
+        yield sse(ids, "start", f"{message_id}:{offset}", retry=RETRY_MS)
+        async for item in events:
+            yield item
 
-async def prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for item in rest:
-        yield item
+    return EventSourceResponse(start_then_events(), headers=headers)
 
 
 async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
@@ -1571,7 +1498,9 @@ async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
         changed = reply.changed
         new = reply.pieces[read:]
         text = "".join(new)
-        read, start, position = read + len(new), position, position + len(text)
+        start = position  # where `text` begins in the reply
+        read += len(new)
+        position += len(text)
         if position > offset:
             yield text[max(offset - start, 0) :]
             offset = position
@@ -1647,20 +1576,19 @@ STREAM_HEADERS = {
 DELETED = "The conversation or the message was deleted"
 
 
-def sse(event: str | None, data: str, event_id: str, retry: int | None = None) -> bytes:
-    return format_sse_event(event=event, data_str=data, id=event_id, retry=retry)
+def sse(
+    data: dict | str,
+    event: str | None = None,
+    event_id: str | None = None,
+    retry: int | None = None,
+) -> bytes:
+    """One server-sent event; `data` is sent as JSON (a str as it is)."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return format_sse_event(data_str=text, event=event, id=event_id, retry=retry)
 
 
 def piece_event(message_id: int, text: str, offset: int) -> bytes:
-    data = json.dumps({"content": text}, ensure_ascii=False)
-    return sse(None, data, f"{message_id}:{offset}")
-
-
-def error_event(status_code: int, detail: str, event_id: str) -> bytes:
-    data = json.dumps(
-        {"detail": detail, "status_code": status_code}, ensure_ascii=False
-    )
-    return sse("error", data, event_id)
+    return sse({"content": text}, event_id=f"{message_id}:{offset}")
 
 
 def how_it_ended(message: Message) -> tuple[int, str]:
@@ -1679,8 +1607,8 @@ def final_event(
     """done, with the message as stored, or an error with its status."""
     end_id = f"{message_id}:end"
     if status_code != 200:
-        return error_event(status_code, detail, end_id)
-    return sse("done", MessagePublic.model_validate(message).model_dump_json(), end_id)
+        return sse({"detail": detail, "status_code": status_code}, "error", end_id)
+    return sse(MessagePublic.model_validate(message).model_dump_json(), "done", end_id)
 
 
 # OpenAI-compatible front -----------------------------------------------------------------
@@ -1702,90 +1630,8 @@ def path_key(messages: list[tuple[str, str]]) -> str:
     return hashlib.sha256(json.dumps(stripped).encode()).hexdigest()
 
 
-def text_of(content: object) -> object:
-    """A message's content as one text: a list of text parts joined with newlines."""
-    if not isinstance(content, list):
-        return content
-    if not all(
-        isinstance(part, dict)
-        and part.get("type") == "text"
-        and isinstance(part.get("text"), str)
-        for part in content
-    ):
-        raise ValueError("only text content parts are supported")
-    return "\n".join(part["text"] for part in content)
-
-
-class ChatMessage(SQLModel):
-    model_config = STRICT
-
-    role: Annotated[
-        Literal["system", "developer", "user", "assistant"],
-        AfterValidator(lambda role: "system" if role == "developer" else role),
-    ]
-    content: Annotated[Content, BeforeValidator(text_of)]
-
-
-class StreamOptions(SQLModel):
-    model_config = STRICT
-
-    include_usage: bool | None = None
-
-
 # Passed on to the model; any other field of a request is ignored.
-SAMPLING = {
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-}
-
-
-class ChatRequest(SQLModel):
-    model_config = STRICT
-
-    model: ModelType
-    messages: list[ChatMessage]
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    tools: list | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-
-    @field_validator("n")
-    @classmethod
-    def one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError("only n=1 is supported: a call is one turn")
-        return n
-
-    @field_validator("tools")
-    @classmethod
-    def no_tools(cls, tools: list | None) -> list | None:
-        if tools:
-            raise ValueError("tools are not supported")
-        return tools
-
-    @field_validator("messages")
-    @classmethod
-    def ends_with_the_prompt(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if not messages or messages[-1].role != "user":
-            raise ValueError("the last message must be the user's: it is the prompt")
-        if len(messages[-1].content) > settings.max_prompt_chars:
-            limit = settings.max_prompt_chars
-            raise ValueError(f"the last message must be at most {limit} characters")
-        return messages
+SAMPLING = set(Sampling.model_fields)
 
 
 async def continued_turn(
@@ -1855,6 +1701,7 @@ async def start_call(
 ) -> LiveReply:
     """Store a /v1 call as a turn after the one it continues (or in a new conversation), and
     start its reply."""
+    prompt_within_limit(call.messages[-1].content, ("body", "messages"))
     refuse_when_busy()
     messages = [(message.role, message.content) for message in call.messages]
     if conversation_id is not None:
@@ -1876,17 +1723,6 @@ async def start_call(
     return await start_reply(
         session, conversation, prompt, to_model, sampling, messages
     )
-
-
-class OpenAIError(SQLModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class OpenAIErrorBody(SQLModel):
-    error: OpenAIError
 
 
 # For the document (/docs): errors under /v1 are not {"detail": ...}, and invalid is 400.
@@ -1957,10 +1793,6 @@ def completion(reply: LiveReply, call: ChatRequest) -> dict:
     }
 
 
-def data_event(data: dict) -> bytes:
-    return format_sse_event(data_str=json.dumps(data, ensure_ascii=False))
-
-
 async def completion_chunks(
     reply: LiveReply, call: ChatRequest
 ) -> AsyncIterator[bytes]:
@@ -1975,18 +1807,18 @@ async def completion_chunks(
 
     def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return data_event({**head, "choices": [choice]})
+        return sse({**head, "choices": [choice]})
 
     yield chunk({"role": "assistant", "content": ""})
     async for text in text_in_memory(reply, 0):
         yield chunk({"content": text}) if text else PING
     if reply.status_code != 200:  # the status went out with the first piece
         code = str(reply.status_code)
-        yield data_event(openai_error(reply.status_code, reply.detail, code=code))
+        yield sse(openai_error(reply.status_code, reply.detail, code=code))
         return
     yield chunk({}, reply.finish_reason)
     if call.stream_options and call.stream_options.include_usage:
-        yield data_event({**head, "choices": [], "usage": usage(reply.message)})
+        yield sse({**head, "choices": [], "usage": usage(reply.message)})
     yield b"data: [DONE]\n\n"
 
 
@@ -2255,7 +2087,7 @@ async def branch_context(session: AsyncSession, turn_id: int | None) -> list[dic
 
 
 def model_message(role: str, text: str) -> dict:
-    return {"role": "system" if role == "developer" else role, "content": text}
+    return {"role": developer_is_system(role), "content": text}
 
 
 async def response_place(
@@ -2292,9 +2124,7 @@ async def start_response(
 ) -> tuple[LiveReply, Message]:
     refuse_when_busy()
     items = [(item.role, item.content) for item in call.input]
-    if len(items[-1][1]) > settings.max_prompt_chars:
-        limit = settings.max_prompt_chars
-        raise HTTPException(400, f"input: the last message is over {limit} characters")
+    prompt_within_limit(items[-1][1], ("body", "input"))
     conversation, parent_id = await response_place(call, header_id, session)
     conversation.model_type = call.model
     context = await branch_context(session, parent_id)
@@ -2410,7 +2240,8 @@ async def list_input_items(
 app.include_router(api)
 
 
-@app.api_route("/health", methods=["GET", "HEAD"])
+@app.get("/health")
+@app.head("/health")  # a route of its own: operationIds are unique
 async def health(session: SessionDep) -> dict[str, str]:
     await session.exec(select(1))
     return {"status": "ok"}
@@ -2419,7 +2250,8 @@ async def health(session: SessionDep) -> dict[str, str]:
 # Browsers --------------------------------------------------------------------------------
 # The chat page at /, CORS for the origins in CORS_ORIGINS, and a guard: a request that a
 # browser marks as coming from another site is refused before it reaches an endpoint, so a page
-# the user happens to visit cannot start generations or change data on their local service.
+# the user happens to visit cannot start generations or change data on their local service,
+# nor through its own name pointed at this machine (a Host that is not ours: ALLOWED_HOSTS).
 
 PAGE = FilePath(__file__).with_name("static") / "index.html"
 
@@ -2518,23 +2350,43 @@ def refusal(path: str) -> JSONResponse:
     return error_for(path, 403, message)
 
 
+allowed_hosts = {h.strip().lower() for h in settings.allowed_hosts.split(",")} - {""}
+
+
+def allowed_host(host: str) -> bool:
+    """An IP address (a page cannot make a browser send one for its own name), localhost or
+    one of ALLOWED_HOSTS: a page whose name is re-pointed at us (DNS rebinding) sends its own."""
+    if "*" in allowed_hosts:
+        return True
+    try:
+        name = urlsplit(f"//{host}").hostname or ""  # lowercase, no port, no [brackets]
+        return name in allowed_hosts | {"localhost"} or bool(ip_address(name))
+    except ValueError:  # not an IP address, or not a host at all
+        return False
+
+
 class RefuseOtherSites:
-    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched."""
+    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched. Not Starlette's
+    TrustedHostMiddleware for hosts: it cannot let any IP address in, and answers in plain text."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if (
-            scope["type"] == "http"
-            and path not in OPEN_PATHS
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+        elif not allowed_host(host := Headers(scope=scope).get("host", "")):
+            message = f"Refused: Host {host!r} is not an IP address, localhost or in ALLOWED_HOSTS"
+            await error_for(path, 400, message)(scope, receive, send)
+        elif (
+            path not in OPEN_PATHS
             and not path.startswith(OPEN_PREFIXES)
             and from_another_site(scope)
         ):
             await refusal(path)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 app.add_middleware(RefuseOtherSites)

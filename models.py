@@ -2,7 +2,7 @@
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from pydantic import (
@@ -71,6 +71,7 @@ ModelType = Annotated[
     AfterValidator(storable_text),
 ]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Id = Annotated[int, Field(ge=1, le=INT32_MAX)]
 StatusCode = Annotated[int, Field(ge=100, le=599)]
 
 
@@ -107,7 +108,7 @@ class ConversationUpdate(SQLModel):
     model_config = STRICT
     title: Title | None = None
     model_type: ModelType | None = None
-    leaf_id: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None  # null is a value
+    leaf_id: Id | None = None  # null is a value: the next turn is a first turn
 
     @field_validator("title", "model_type")
     @classmethod
@@ -213,6 +214,120 @@ class MessagePublic(MessageBase):
     parent_id: int | None
     created_at: Timestamp
     updated_at: Timestamp
+
+
+# Generation ------------------------------------------------------------------------------
+
+
+def not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+# MAX_PROMPT_CHARS is a setting: app.py checks it (prompt_within_limit).
+Prompt = Annotated[Content, AfterValidator(not_blank)]
+
+
+class GenerateRequest(SQLModel):
+    model_config = STRICT
+
+    prompt: Prompt
+    conversation_id: Id | None = None
+
+
+class RegenerateRequest(SQLModel):
+    model_config = STRICT
+
+    prompt: Prompt | None = None  # None: the prompt of the message regenerated
+
+
+class GenerateQuery(GenerateRequest):
+    model_config = ConfigDict(
+        strict=False
+    )  # a query string is text: ?conversation_id=5
+
+
+class ErrorDetail(SQLModel):
+    detail: str | list[dict[str, Any]]
+
+
+# The OpenAI-compatible front (/v1) -------------------------------------------------------
+
+
+def text_of(content: object) -> object:
+    """A message's content as one text: a list of text parts joined with newlines."""
+    if not isinstance(content, list):
+        return content
+    for part in content:
+        is_text = isinstance(part, dict) and part.get("type") == "text"
+        if not (is_text and isinstance(part.get("text"), str)):
+            raise ValueError("only text content parts are supported")
+    return "\n".join(part["text"] for part in content)
+
+
+def developer_is_system(role: str) -> str:
+    """`developer` is OpenAI's newer name for `system`, which every model server knows."""
+    return "system" if role == "developer" else role
+
+
+class ChatMessage(SQLModel):
+    model_config = STRICT
+
+    role: Annotated[
+        Literal["system", "developer", "user", "assistant"],
+        AfterValidator(developer_is_system),
+    ]
+    content: Annotated[Content, BeforeValidator(text_of)]
+
+
+def ends_with_the_prompt(messages: list[ChatMessage]) -> list[ChatMessage]:
+    if not messages or messages[-1].role != "user":
+        raise ValueError("the last message must be the user's: it is the prompt")
+    return messages
+
+
+class StreamOptions(SQLModel):
+    model_config = STRICT
+
+    include_usage: bool | None = None
+
+
+class Sampling(SQLModel):
+    """Fields passed on to the model as given."""
+
+    model_config = STRICT
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class ChatRequest(Sampling):
+    """A Chat Completions request; fields not listed are ignored."""
+
+    model: ModelType
+    messages: Annotated[list[ChatMessage], AfterValidator(ends_with_the_prompt)]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: Literal[1] | None = None  # a call is one turn
+    tools: Annotated[list, Field(max_length=0)] | None = None  # [] is accepted
+
+
+class OpenAIError(SQLModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(SQLModel):
+    error: OpenAIError
 
 
 # OpenAI Responses API --------------------------------------------------------------------

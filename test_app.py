@@ -11,6 +11,7 @@ import asyncio
 import configparser
 import contextlib
 import hashlib
+import http.client
 import itertools
 import json
 import os
@@ -67,6 +68,8 @@ SETTINGS = [
     "DEAD_TURN_SECONDS",
     "MAX_LIVE_REPLIES",
     "CORS_ORIGINS",
+    "ALLOWED_HOSTS",
+    "MAX_BODY_BYTES",
 ]
 
 
@@ -1286,6 +1289,22 @@ def test_a_new_conversation_gets_the_llms_title_after_a_placeholder(
     }
 
 
+def test_an_untitled_conversation_is_titled_by_its_next_turn_and_a_named_one_is_not(
+    client: httpx.Client, llm_requests: list[dict]
+) -> None:
+    untitled = new_conversation(
+        client, title="New conversation", model_type="fake:pieces=2"
+    )
+    named = new_conversation(client, title="Lisbon", model_type="fake:pieces=2")
+    generate(client, prompt="Plan a weekend", conversation_id=untitled["id"])
+    generate(client, prompt="Plan a weekend", conversation_id=named["id"])
+    url = f"/conversations/{untitled['id']}"
+    wait_for(lambda: client.get(url).json()["title"] == "w0 w1")
+    assert client.get(f"/conversations/{named['id']}").json()["title"] == "Lisbon"
+    title_calls = [r for r in llm_requests if not r.get("stream")]
+    assert [r["messages"][-1]["content"] for r in title_calls] == ["Plan a weekend"]
+
+
 def test_a_failed_title_call_keeps_the_placeholder_and_the_reply(
     start_app: Callable[..., Server], llm_requests: list[dict]
 ) -> None:
@@ -1669,6 +1688,65 @@ def test_head_health_answers_like_get(client: httpx.Client) -> None:
     response = client.head("/health")
     assert response.status_code == 200
     assert response.content == b""
+
+
+BODY_LIMIT = 100_000  # MAX_BODY_BYTES of small_bodies
+# A valid body of each endpoint, opened: whitespace up to any size, then "}" closes it.
+OPENED_BODIES = {
+    "POST /conversations": b'{"title": "big"',
+    "POST /text/generate/stream": b'{"prompt": "big"',
+    "GET /text/generate/stream?prompt=big": b"",  # a body it does not read
+    "POST /v1/chat/completions": b'{"model": "echo", "messages": [{"role": "user", "content": "big"}]',
+}
+
+
+@pytest.fixture(scope="module")
+def small_bodies(start_app: Callable[..., Server]) -> Server:
+    return start_app(MAX_BODY_BYTES=str(BODY_LIMIT))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("request_line", list(OPENED_BODIES))
+def test_a_body_over_max_body_bytes_is_413_before_it_is_read_whole(
+    small_bodies: Server, request_line: str, chunked: bool
+) -> None:
+    before = httpx.get(f"{small_bodies.url}/conversations").json()
+    url = httpx.URL(small_bodies.url)
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        # Declares a terabyte, or streams past the limit; either way never ends the body.
+        framing = (
+            b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % 10**12
+        )
+        head = (
+            b"%s HTTP/1.1\r\nHost: %s\r\n%s\r\nContent-Type: application/json\r\n\r\n"
+        )
+        sock.sendall(head % (request_line.encode(), url.netloc, framing))
+        body = OPENED_BODIES[request_line] + b" " * (BODY_LIMIT + 1)
+        sock.sendall(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        refused = json.loads(response.read())
+    assert response.status == 413
+    if "/v1/" in request_line:
+        assert "MAX_BODY_BYTES" in refused["error"]["message"]
+    else:
+        assert "MAX_BODY_BYTES" in refused["detail"]
+    assert httpx.get(f"{small_bodies.url}/conversations").json() == before
+    assert "Traceback" not in small_bodies.output()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_of_max_body_bytes_is_read(small_bodies: Server, chunked: bool) -> None:
+    opened = OPENED_BODIES["POST /conversations"]
+    body = opened + b" " * (BODY_LIMIT - len(opened) - 1) + b"}"
+    assert len(body) == BODY_LIMIT
+    content = iter([body[:1000], body[1000:]]) if chunked else body
+    headers = {"Content-Type": "application/json"}
+    response = httpx.post(
+        f"{small_bodies.url}/conversations", content=content, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["title"] == "big"
 
 
 def run_sql(database: Database, statement: str) -> None:
@@ -2678,19 +2756,25 @@ def test_a_reply_streams_into_the_page_as_it_arrives(
     ]
 
 
-def test_a_new_chat_uses_the_model_chosen_and_is_titled_from_the_prompt(
+def test_a_new_chat_uses_the_model_chosen_and_gets_the_models_title(
     open_page: Callable[..., Page], service: httpx.Client
 ) -> None:
     page = open_page()
     expect(page.get_by_label("Model")).to_have_value("echo")  # DEFAULT_MODEL
-    start_new_chat(page, "fake:pieces=2")
+    start_new_chat(page, "fake:pieces=2:first_ms=300")
     send_message(page, "Plan a weekend in Lisbon")
+    expect(page.locator("#title")).to_have_text("Plan a weekend in Lisbon")
     expect(last_reply(page)).to_have_text(words(2))
     conversation = service.get(f"/conversations/{conversation_id_in_url(page)}").json()
-    assert conversation["model_type"] == "fake:pieces=2"
-    assert conversation["title"] == "Plan a weekend in Lisbon"
-    expect(page.locator("#title")).to_have_text("Plan a weekend in Lisbon")
-    expect(page.get_by_role("link", name="Plan a weekend in Lisbon")).to_be_visible()
+    assert conversation["model_type"] == "fake:pieces=2:first_ms=300"
+    # The model's title, written beside the reply (the fake titles with its reply).
+    wait_for(
+        lambda: service.get(f"/conversations/{conversation['id']}").json()["title"]
+        == words(2).strip()
+    )
+    page.reload()
+    expect(page.locator("#title")).to_have_text(words(2).strip())
+    expect(page.get_by_role("link", name=words(2).strip())).to_be_visible()
 
 
 def test_enter_sends_and_shift_enter_starts_a_new_line(
@@ -3058,38 +3142,27 @@ def test_the_docs_work_offline_with_the_stream_endpoints_listed(
 def test_the_openapi_document_describes_each_stream_its_events_and_its_errors(
     service: httpx.Client, method: str, path: str, errors: set[int]
 ) -> None:
-    operation = service.get("/openapi.json").json()["paths"][path][method]
-    responses = operation["responses"]
+    document = service.get("/openapi.json").json()
+    responses = document["paths"][path][method]["responses"]
     assert set(responses["200"]["content"]) == {"text/event-stream"}
-    stream = responses["200"]["content"]["text/event-stream"]
-    events = {e["title"].split()[0]: e for e in stream["itemSchema"]["oneOf"]}
-    assert set(events) == {"start", "piece", "done", "error"}
-    for name in ("start", "done", "error"):
-        assert events[name]["properties"]["event"] == {"const": name}
-    data = {name: e["properties"]["data"] for name, e in events.items()}
-    assert all(d["contentMediaType"] == "application/json" for d in data.values())
-    assert set(data["start"]["contentSchema"]["required"]) == {
-        "conversation_id",
-        "message_id",
-    }
-    assert data["piece"]["contentSchema"]["required"] == ["content"]
-    assert data["done"]["contentSchema"] == {
-        "$ref": "#/components/schemas/MessagePublic"
-    }
-    assert set(data["error"]["contentSchema"]["required"]) == {"detail", "status_code"}
+    for event in ("`start`", "`done`", "`error`", "Last-Event-ID"):
+        assert event in responses["200"]["description"]
     assert {int(s) for s in responses if s.startswith("4")} == errors
     for status in errors:
-        error = responses[str(status)]["content"]["application/json"]
-        assert error["schema"]["required"] == ["detail"], status
+        schema = responses[str(status)]["content"]["application/json"]["schema"]
+        name = schema["$ref"].removeprefix("#/components/schemas/")
+        assert document["components"]["schemas"][name]["required"] == ["detail"]
 
 
 def test_the_openapi_document_lists_the_stop_endpoints_409(
     service: httpx.Client,
 ) -> None:
-    paths = service.get("/openapi.json").json()["paths"]
-    responses = paths["/messages/{message_id}/stop"]["post"]["responses"]
-    assert {"202", "401", "403", "404", "409"} <= set(responses)
-    assert "detail" in str(responses["409"]["content"]["application/json"]["schema"])
+    document = service.get("/openapi.json").json()
+    responses = document["paths"]["/messages/{message_id}/stop"]["post"]["responses"]
+    assert set(responses) == {"202", "401", "403", "404", "409", "422"}
+    schema = responses["409"]["content"]["application/json"]["schema"]
+    name = schema["$ref"].removeprefix("#/components/schemas/")
+    assert document["components"]["schemas"][name]["required"] == ["detail"]
 
 
 def test_the_openapi_document_shows_what_the_generation_endpoints_read(
@@ -3102,6 +3175,15 @@ def test_the_openapi_document_shows_what_the_generation_endpoints_read(
     post = paths["/text/generate/stream"]["post"]
     body = post["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"prompt", "conversation_id"}
+
+
+def test_every_operation_id_in_the_openapi_document_is_unique(
+    service: httpx.Client,
+) -> None:
+    paths = service.get("/openapi.json").json()["paths"]
+    ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
+    assert len(ids) >= 12
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
 # Requests from other sites (plain HTTP, with the headers browsers send)
@@ -3232,6 +3314,76 @@ def test_under_v1_the_refusal_has_openais_error_shape(service: httpx.Client) -> 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert "CORS_ORIGINS" in error["message"]
+
+
+REBOUND = (
+    "rebind.attacker.example"  # a page's name that its owner re-points at 127.0.0.1
+)
+
+
+def as_host(client: httpx.Client, method: str, path: str, host: str) -> httpx.Response:
+    """A request as a browser on http://<host> sends it: that Host, and that Origin."""
+    port = client.base_url.port
+    headers = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+    body = {"title": "x", "prompt": "hi", "model": "echo"}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    return client.request(method, path, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/conversations"),
+        ("POST", "/conversations"),
+        ("POST", "/text/generate/stream"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/"),
+        ("GET", "/health"),
+    ],
+)
+def test_a_host_name_not_in_allowed_hosts_is_refused_before_anything_runs(
+    service: httpx.Client, method: str, path: str
+) -> None:
+    before = service.get("/conversations").json()
+    response = as_host(service, method, path, REBOUND)
+    assert response.status_code == 400
+    refused = response.json()
+    if path.startswith("/v1/"):
+        assert "ALLOWED_HOSTS" in refused["error"]["message"]
+    else:
+        assert "ALLOWED_HOSTS" in refused["detail"]
+    assert service.get("/conversations").json() == before
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "192.168.1.20", "[::1]", "[fe80::1]", "localhost", "LocalHost"],
+)
+def test_ip_addresses_and_localhost_are_always_allowed_hosts(
+    service: httpx.Client, host: str
+) -> None:
+    assert as_host(service, "POST", "/conversations", host).status_code == 201
+    assert as_host(service, "GET", "/", host).status_code == 200
+
+
+def test_allowed_hosts_lets_those_names_in_whatever_their_case_and_port(
+    start_page_app: Callable[..., Server],
+) -> None:
+    app = start_page_app(ALLOWED_HOSTS="chat.example.com, Other.Example")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        for host in ("CHAT.example.com", "other.example"):
+            assert as_host(client, "POST", "/conversations", host).status_code == 201
+        assert as_host(client, "GET", "/health", REBOUND).status_code == 400
+        assert as_host(client, "GET", "/health", "example.com").status_code == 400
+
+
+def test_allowed_hosts_star_lets_any_host_in(
+    start_page_app: Callable[..., Server],
+) -> None:
+    app = start_page_app(ALLOWED_HOSTS="*")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        assert as_host(client, "POST", "/conversations", REBOUND).status_code == 201
+        assert as_host(client, "GET", "/", REBOUND).status_code == 200
 
 
 @pytest.mark.parametrize(
