@@ -840,6 +840,10 @@ async def branch_history(
 STOPPED = 499
 RETRY_MS = 1000  # how soon a browser's EventSource reconnects
 PING_SECONDS = 15  # a comment line that keeps idle connections open through proxies
+HEARTBEAT_SECONDS = settings.dead_turn_seconds / 3
+# How often a reply looks at its row (and writes it, when due): whatever CHECKPOINT_MS is, often
+# enough for its heartbeat.
+TICK_SECONDS = min(settings.checkpoint_ms / 1000, HEARTBEAT_SECONDS)
 background_tasks: set[asyncio.Task] = set()
 
 
@@ -913,6 +917,9 @@ class LiveReply:
 
 
 live_replies: dict[int, LiveReply] = {}  # this process's replies, by message id
+# MAX_LIVE_REPLIES places: a turn takes one (counts and takes it, with no await between) before
+# its prompt is stored, and gives it back once its end is stored.
+reply_places = threading.BoundedSemaphore(settings.max_live_replies)
 
 
 async def run_reply(
@@ -930,26 +937,26 @@ async def run_reply(
         outcome = reply.ended_by or (503, "The server is shutting down")
     reply.status_code, reply.detail, reply.message = await store_end(reply, *outcome)
     del live_replies[reply.message_id]
+    reply_places.release()
     reply.stored.set()
     reply.wake_followers()
 
 
 def database_clock() -> Any:
-    """Now, for heartbeats: by the database server's clock, since app hosts' clocks may differ."""
+    """Now, for a live row: by the database server's clock, since app hosts' clocks may differ."""
     return utc_now() if is_sqlite else func.now()  # a SQLite file has one host
 
 
 async def checkpoint(reply: LiveReply) -> None:
     """Write the text so far to the row when it changed, and a heartbeat; see stops and deletions."""
-    # The first tick writes too: from then on the row is stamped by the database's clock.
-    stored_length, stored_at = 0, float("-inf")
+    stored_length, stored_at = 0, time.monotonic()  # the prompt's insert wrote the row
     live_row = (col(Message.id) == reply.message_id) & col(Message.live)
     while True:
-        await asyncio.sleep(settings.checkpoint_ms / 1000)
+        await asyncio.sleep(TICK_SECONDS)
         length = reply.length
-        write = length != stored_length or (
-            time.monotonic() - stored_at > settings.dead_turn_seconds / 3
-        )
+        # A heartbeat when the next tick would come too late for one.
+        late = time.monotonic() + TICK_SECONDS - stored_at >= HEARTBEAT_SECONDS
+        write = length != stored_length or late
         if write:
             query = (
                 update(Message)
@@ -1031,11 +1038,9 @@ async def store_end(
 
 
 async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
-    """Ask the process running a reply to stop it, through its row, and wait until it has."""
+    """Wait until the process running a reply, asked through its row, has stopped it."""
     live_row = (col(Message.id) == message_id) & col(Message.live)
-    await session.exec(update(Message).where(live_row).values(status_code=STOPPED))
-    await session.commit()
-    deadline = time.monotonic() + settings.checkpoint_ms / 1000 + 2
+    deadline = time.monotonic() + TICK_SECONDS + 2
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
         if not (await session.exec(select(Message.live).where(live_row))).first():
@@ -1102,8 +1107,8 @@ async def json_body(request: Request) -> object:
         ) from None
 
 
-def refuse_when_busy() -> None:
-    if len(live_replies) >= settings.max_live_replies:
+def take_a_reply_place() -> None:
+    if not reply_places.acquire(blocking=False):
         raise HTTPException(
             429,
             "Too many replies are being generated (MAX_LIVE_REPLIES)",
@@ -1114,7 +1119,6 @@ def refuse_when_busy() -> None:
 async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
     """A turn of /text/generate/stream: it follows the conversation's leaf."""
     prompt_within_limit(request.prompt, ("prompt",))
-    refuse_when_busy()
     if request.conversation_id is None:
         conversation = Conversation(title=UNTITLED, model_type=settings.default_model)
     else:
@@ -1176,15 +1180,19 @@ async def start_reply(
 ) -> LiveReply:
     """Store the prompt (with whatever else the session holds) and start the reply to
     `messages`, which runs on its own from then on."""
+    take_a_reply_place()
     opening = None
     if conversation.model_type != ECHO:
         # Ask the model now and store the prompt meanwhile: the database adds no wait.
         opening = asyncio.create_task(
             open_llm_reply(conversation.model_type, messages, sampling)
         )
+    # What the dead-turn sweep reads, by the database's clock from the first insert on.
+    message.updated_at = database_clock()
     try:
         await store_turn(session, conversation, message)
     except BaseException:
+        reply_places.release()
         if opening:
             opening.cancel()
         raise
@@ -1309,7 +1317,10 @@ def resumed_from(last_event_id: str | None) -> tuple[int, int | None] | None:
     if not found:
         return None
     message_id, offset = found.groups()
-    return int(message_id), None if offset == "end" else int(offset)
+    if offset == "end":
+        return int(message_id), None
+    # Past the longest text a message holds, as past any text, there is nothing to send.
+    return int(message_id), min(int(offset), MAX_TEXT_CHARS)
 
 
 # What the streams send, for the OpenAPI document (/docs) ----------------------------------
@@ -1437,16 +1448,21 @@ async def follow_stream(
     responses=documented(401, 403, 404, 409, stream=False),
 )
 async def stop_reply(message: MessageDep, session: SessionDep) -> MessagePublic:
-    if not message.live:
-        raise HTTPException(409, "The turn has already ended")
-    await session.commit()  # hold no connection while waiting: the reply needs one
-    if reply := live_replies.get(message.id):
-        reply.end(STOPPED, "Stopped")
-        await reply.stored.wait()
-    else:
-        await stop_elsewhere(message.id, session)
-    await session.refresh(message)
-    return message
+    # The stop is this call's if it is the first to mark the live row; it is too late if the
+    # reply ends by itself meanwhile (its end is stored as it ended).
+    live_row = (col(Message.id) == message.id) & col(Message.live)
+    ask = update(Message).where(live_row, col(Message.status_code).is_(None))
+    if (await session.exec(ask.values(status_code=STOPPED))).rowcount:
+        await session.commit()  # hold no connection while waiting: the reply needs one
+        if reply := live_replies.get(message.id):
+            reply.end(STOPPED, "Stopped")
+            await reply.stored.wait()
+        else:
+            await stop_elsewhere(message.id, session)
+        await session.refresh(message)
+        if not message.live and message.status_code == STOPPED:
+            return message
+    raise HTTPException(409, "The turn has already ended")
 
 
 # Following a reply -------------------------------------------------------------------------
@@ -1702,7 +1718,6 @@ async def start_call(
     """Store a /v1 call as a turn after the one it continues (or in a new conversation), and
     start its reply."""
     prompt_within_limit(call.messages[-1].content, ("body", "messages"))
-    refuse_when_busy()
     messages = [(message.role, message.content) for message in call.messages]
     if conversation_id is not None:
         conversation = await locked_conversation(session, conversation_id)

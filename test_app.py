@@ -27,8 +27,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -2018,6 +2020,59 @@ def test_stop_on_an_ended_turn_is_409_and_on_an_unknown_message_404(
     )
 
 
+@contextmanager
+def row_locked(database: Database, message_id: int) -> Iterator[None]:
+    """Hold the message's row (on SQLite, the file) locked for writing, from the test."""
+    if database.url.startswith("sqlite"):
+        connection = sqlite3.connect(database.name, isolation_level=None)
+        connection.execute("BEGIN IMMEDIATE")
+    else:
+        connection = psycopg.connect(database.url)
+        connection.execute(
+            "SELECT 1 FROM messages WHERE id = %s FOR UPDATE", [message_id]
+        )
+    try:
+        yield
+    finally:
+        connection.rollback()
+        connection.close()
+
+
+@pytest.mark.parametrize("where", ["this process", "another process"])
+def test_a_stop_racing_the_replys_natural_end_is_409_and_the_reply_is_stored_whole(
+    database: Database,
+    server: Server,
+    start_app: Callable[..., Server],
+    client: httpx.Client,
+    where: str,
+) -> None:
+    """The stop comes after the model's last piece, while the reply's end waits to be stored."""
+    other = server if where == "this process" else start_app()
+    conversation = new_conversation(client, model_type="fake:pieces=3:gap_ms=300")
+    params = {"prompt": "racing", "conversation_id": conversation["id"]}
+    with (
+        ThreadPoolExecutor(1) as pool,
+        client.stream("GET", "/text/generate/stream", params=params) as response,
+    ):
+        events = iter_events(response)
+        message_id = next(events)[1]["message_id"]
+        with row_locked(database, message_id):
+            read_until(events, len("w0 w1 w2 "))
+            time.sleep(0.3)  # the model's finish_reason has come
+            url = f"{other.url}/messages/{message_id}/stop"
+            stop = pool.submit(httpx.post, url, timeout=30)
+            time.sleep(0.5)
+        rest = list(events)
+        stopped = stop.result()
+    assert (stopped.status_code, stopped.json()) == (
+        409,
+        {"detail": "The turn has already ended"},
+    )
+    assert rest[-1][0] == "done"
+    stored = client.get(f"/messages/{message_id}").json()
+    assert (stored["status_code"], stored["response_content"]) == (200, "w0 w1 w2 ")
+
+
 def test_a_follower_joining_mid_reply_ends_with_the_same_text_as_the_starter(
     server: Server, client: httpx.Client
 ) -> None:
@@ -2057,6 +2112,19 @@ def test_following_an_ended_turn_gives_the_text_past_the_offset_then_its_end(
         assert [name for name, _ in iter_events(end)] == ["start", "done"]
     final = client.get(url, headers={"Last-Event-ID": f"{message_id}:end"})
     assert (final.status_code, final.content) == (204, b"")
+
+
+@pytest.mark.parametrize("offset", ["2147483647", "9999999999"])
+def test_a_last_event_id_offset_past_the_text_gets_start_then_the_end(
+    client: httpx.Client, offset: str
+) -> None:
+    _, events = generate(client, prompt="all of it")
+    message_id = events[0][1]["message_id"]
+    headers = {"Last-Event-ID": f"{message_id}:{offset}"}
+    for url in (f"/messages/{message_id}/stream", "/text/generate/stream"):
+        with client.stream("GET", url, headers=headers) as response:
+            followed = list(iter_events(response))
+        assert [name for name, _ in followed] == ["start", "done"]
 
 
 def test_a_failed_or_imported_turn_is_followed_as_ended(client: httpx.Client) -> None:
@@ -2158,6 +2226,35 @@ def test_a_turn_beyond_max_live_replies_is_429_and_stores_nothing(
         assert [m["id"] for m in messages] == [message_id]
 
 
+async def post_at_once(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30) as http:
+        return await asyncio.gather(*(http.post(url, json=body) for body in bodies))
+
+
+@pytest.mark.parametrize("path", ["/text/generate/stream", "/v1/chat/completions"])
+def test_turns_sent_at_once_start_at_most_max_live_replies_and_store_no_other(
+    start_app: Callable[..., Server], path: str
+) -> None:
+    app = start_app(MAX_LIVE_REPLIES="2")
+    model_type = tagged("fake:pieces=30:gap_ms=100")  # three seconds
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        if path == "/v1/chat/completions":
+            messages = [[user(unique("at once"))] for _ in range(30)]
+            bodies = [{"model": model_type, "messages": m} for m in messages]
+        else:
+            conversation = new_conversation(client, model_type=model_type)
+            bodies = [{"prompt": "at once", "conversation_id": conversation["id"]}] * 30
+        responses = asyncio.run(post_at_once(app.url + path, bodies))
+        listed = client.get("/conversations", params={"model_type": model_type}).json()
+        stored = [turn["id"] for c in listed for turn in turns(client, c["id"])]
+    started = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert 1 <= len(started) <= 2
+    assert {r.status_code for r in refused} == {429}
+    assert all(r.headers["retry-after"] for r in refused)
+    assert sorted(stored) == sorted(int(r.headers["x-message-id"]) for r in started)
+
+
 def test_a_reply_longer_than_dead_turn_seconds_is_not_closed_while_its_process_lives(
     start_app: Callable[..., Server],
 ) -> None:
@@ -2171,6 +2268,71 @@ def test_a_reply_longer_than_dead_turn_seconds_is_not_closed_while_its_process_l
         _, events = generate(client, prompt="slow", conversation_id=conversation["id"])
         assert events[-1][0] == "done"
         assert client.get(f"/messages/{imported['id']}").json() == imported
+
+
+def test_a_checkpoint_ms_longer_than_the_heartbeat_does_not_end_live_replies_as_dead(
+    start_app: Callable[..., Server],
+) -> None:
+    app = start_app(DEAD_TURN_SECONDS="3", CHECKPOINT_MS="5000")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        conversation = new_conversation(client, model_type="fake:pieces=12:gap_ms=500")
+        params = {"prompt": "rare checkpoints", "conversation_id": conversation["id"]}
+        _, events = generate(client, **params)
+        stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
+    assert events[-1][0] == "done"
+    whole = "".join(f"w{i} " for i in range(12))
+    assert (stored["status_code"], stored["response_content"]) == (200, whole)
+
+
+# What Python reads as now on a host whose clock is a minute behind the database's.
+CLOCK_A_MINUTE_BEHIND = """
+import datetime
+import time
+
+
+class MinuteBehind(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return super().now(tz) - datetime.timedelta(minutes=1)
+
+
+datetime.datetime = MinuteBehind
+host_time = time.time
+time.time = lambda: host_time() - 60
+"""
+
+
+def test_live_replies_of_a_host_whose_clock_is_behind_the_databases_are_not_ended_as_dead(
+    start_app: Callable[..., Server], empty_database: Database, tmp_path: Path
+) -> None:
+    """(On SQLite, whose processes share one host's clock, the app's clock is the database's.)"""
+    (tmp_path / "sitecustomize.py").write_text(CLOCK_A_MINUTE_BEHIND)
+    app = start_app(
+        DATABASE_URL=empty_database.url,  # no other app's sweep: this one's clock alone
+        PYTHONPATH=str(tmp_path),
+        DEAD_TURN_SECONDS="3",
+        CHECKPOINT_MS="1000",
+    )
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        conversation = new_conversation(client, model_type="fake:pieces=6:gap_ms=500")
+        created = datetime.fromisoformat(conversation["created_at"])
+        assert datetime.now(UTC) - created > timedelta(seconds=50)  # the app's clock
+
+        # Ten turns 0.2 s apart: a sweep (every 1.5 s) comes before the first checkpoint of some.
+        def turn(delay: float) -> list[tuple[str, dict]]:
+            time.sleep(delay)
+            params = {"prompt": "on time", "conversation_id": conversation["id"]}
+            return generate(client, **params)[1]
+
+        with ThreadPoolExecutor(10) as pool:
+            ended = list(pool.map(turn, [i * 0.2 for i in range(10)]))
+        stored = client.get(f"/conversations/{conversation['id']}/messages").json()
+    stop(app.process)  # before its database goes
+    assert [events[-1][0] for events in ended] == ["done"] * 10
+    whole = "".join(f"w{i} " for i in range(6))
+    assert [(m["status_code"], m["response_content"]) for m in stored] == [
+        (200, whole)
+    ] * 10
 
 
 def test_after_kill_9_a_reply_keeps_its_last_checkpoint_and_is_closed_as_500(
