@@ -1138,7 +1138,6 @@ async def start_sibling(
     message_id: int, prompt: str | None, session: AsyncSession
 ) -> LiveReply:
     """A turn beside message `message_id`, after the same turn: its prompt again, or `prompt`."""
-    refuse_when_busy()
     message = await find_message(message_id, session)
     conversation = await locked_conversation(session, message.conversation_id)
     # Read again under the lock: the turn it follows may have been deleted since.
@@ -2137,7 +2136,6 @@ async def response_place(
 async def start_response(
     call: ResponseRequest, header_id: int | None, session: AsyncSession
 ) -> tuple[LiveReply, Message]:
-    refuse_when_busy()
     items = [(item.role, item.content) for item in call.input]
     prompt_within_limit(items[-1][1], ("body", "input"))
     conversation, parent_id = await response_place(call, header_id, session)
