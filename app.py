@@ -60,7 +60,7 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import case, event, exc, func, literal, true
+from sqlalchemy import event, exc, func, true
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm.exc import StaleDataError
@@ -677,11 +677,7 @@ async def list_messages(
 async def create_message(
     body: MessageCreate, conversation: ConversationDep, session: SessionDep
 ) -> MessagePublic:
-    conversation = await locked_conversation(session, conversation.id)
-    message = Message.model_validate(
-        body,
-        update={"conversation_id": conversation.id, "parent_id": conversation.leaf_id},
-    )
+    message = Message.model_validate(body, update={"conversation_id": conversation.id})
     await store_turn(session, conversation, message)
     return message
 
@@ -746,22 +742,12 @@ async def locked_conversation(
 
 
 def path_up(start: int | None, goes_on: Callable[[Any], Any]) -> Any:
-    """A CTE of turn `start` and the turns it follows, climbing from a turn to its parent
-    while `goes_on(turn)` holds: id, parent_id, on_branch, depth (0 at the start) and
-    successes (the successful turns so far)."""
-
-    def columns(turn: Any) -> list:
-        return [turn.c.id, turn.c.parent_id, turn.c.on_branch]
-
-    def success(turn: Any) -> Any:
-        return case((turn.c.is_success == true(), 1), else_=0)
-
+    """A CTE of turn `start` and the turns it follows (id, parent_id, on_branch), climbing
+    from a turn to its parent while `goes_on(turn)` holds."""
     turns, above = Message.__table__, Message.__table__.alias()
-    first = select(
-        *columns(turns), literal(0).label("depth"), success(turns).label("successes")
-    )
+    first = select(turns.c.id, turns.c.parent_id, turns.c.on_branch)
     path = first.where(turns.c.id == start).cte("path", recursive=True)
-    climb = select(*columns(above), path.c.depth + 1, path.c.successes + success(above))
+    climb = select(above.c.id, above.c.parent_id, above.c.on_branch)
     climb = climb.join(path, above.c.id == path.c.parent_id).where(goes_on(path.c))
     return path.union_all(climb)
 
@@ -796,32 +782,42 @@ async def switch_leaf(
 async def store_turn(
     session: AsyncSession, conversation: Conversation, message: Message
 ) -> None:
-    """Store a new turn (after message.parent_id) as its conversation's leaf, and commit."""
-    conversation.updated_at = message.created_at
-    session.add(conversation)
-    await session.flush()  # a new conversation gets its id
-    message.conversation_id = conversation.id
+    """Store a new turn after the conversation's leaf as it is now, as the new leaf, and
+    commit. The row is locked first: turns stored at once follow one another."""
+    if conversation.id is None:
+        session.add(conversation)
+        await session.flush()  # a new conversation gets its id
+    lock = (
+        update(Conversation)
+        .where(col(Conversation.id) == conversation.id)
+        .values(updated_at=utc_now())
+        .returning(Conversation.leaf_id)
+    )
+    if (leaf := (await session.exec(lock)).first()) is None:
+        raise HTTPException(404, "Conversation not found")  # deleted meanwhile
+    message.created_at = utc_now()  # in the order they follow one another
+    message.conversation_id, message.parent_id = conversation.id, leaf.leaf_id
+    message.on_branch = True
     session.add(message)
-    await session.flush()  # and the turn its id
-    await move_leaf(session, conversation, message.id)
+    await session.flush()  # its id
+    conversation.leaf_id, conversation.updated_at = message.id, message.created_at
     await session.commit()
 
 
-async def branch_history(
-    session: AsyncSession, parent_id: int | None
+async def recent_successful_turns(
+    session: AsyncSession, conversation_id: int
 ) -> list[tuple[str, str]]:
-    """The last HISTORY_TURNS successful (prompt, reply) pairs of the branch that ends at
-    `parent_id`, oldest first: a climb from it that stops as soon as it has them."""
-    if parent_id is None or settings.history_turns == 0:
+    """The active branch's last HISTORY_TURNS successful (prompt, reply) pairs, oldest first."""
+    if settings.history_turns == 0:
         return []
-    path = path_up(parent_id, lambda turn: turn.successes < settings.history_turns)
     query = (
         select(Message.prompt_content, Message.response_content)
-        .join(path, col(Message.id) == path.c.id)
+        .where(Message.conversation_id == conversation_id, col(Message.on_branch))
         .where(Message.is_success == true())
-        .order_by(path.c.depth.desc())
+        .order_by(col(Message.created_at).desc(), col(Message.id).desc())
+        .limit(settings.history_turns)
     )
-    return [tuple(row) for row in (await session.exec(query)).all()]
+    return [tuple(row) for row in reversed((await session.exec(query)).all())]
 
 
 # Live replies ----------------------------------------------------------------------------
@@ -1121,13 +1117,16 @@ async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveRep
     prompt_within_limit(request.prompt, ("prompt",))
     if request.conversation_id is None:
         conversation = Conversation(title=UNTITLED, model_type=settings.default_model)
+        history = []
     else:
-        conversation = await locked_conversation(session, request.conversation_id)
+        conversation = await find_conversation(request.conversation_id, session)
+        history = await recent_successful_turns(session, conversation.id)
     untitled = conversation.title == UNTITLED
     if untitled:  # the prompt's first words, until the model's title is in
         conversation.title = short_title(request.prompt)
-    parent_id = conversation.leaf_id
-    reply = await start_generated(session, conversation, parent_id, request.prompt)
+    message = Message(prompt_content=request.prompt, response_content="", live=True)
+    messages = chat_messages(request.prompt, history)
+    reply = await start_reply(session, conversation, message, messages)
     if untitled and conversation.model_type != ECHO:
         title = conversation.title, conversation.model_type, request.prompt
         in_background(write_title(conversation.id, *title))
@@ -1138,35 +1137,22 @@ async def start_sibling(
     message_id: int, prompt: str | None, session: AsyncSession
 ) -> LiveReply:
     """A turn beside message `message_id`, after the same turn: its prompt again, or `prompt`."""
+    if prompt is not None:  # a stored prompt is not checked again
+        prompt_within_limit(prompt, ("body", "prompt"))
     message = await find_message(message_id, session)
     conversation = await locked_conversation(session, message.conversation_id)
     # Read again under the lock: the turn it follows may have been deleted since.
     message = await session.get(Message, message_id, populate_existing=True)
     if message is None:
         raise HTTPException(404, "Message not found")
-    if (
-        prompt is None
-    ):  # the stored prompt is not checked against MAX_PROMPT_CHARS again
-        prompt = message.prompt_content
-    else:
-        prompt_within_limit(prompt, ("body", "prompt"))
-    return await start_generated(session, conversation, message.parent_id, prompt)
-
-
-async def start_generated(
-    session: AsyncSession,
-    conversation: Conversation,
-    parent_id: int | None,
-    prompt: str,
-) -> LiveReply:
-    """A generated turn after `parent_id`: the model gets SYSTEM_PROMPT, the last successful
-    turns of that branch, and the prompt."""
-    history = await branch_history(session, parent_id)
-    message = Message(
-        prompt_content=prompt, response_content="", live=True, parent_id=parent_id
+    # The turn it follows becomes the leaf (its branch the model's history), then the new one.
+    await move_leaf(session, conversation, message.parent_id)
+    prompt = message.prompt_content if prompt is None else prompt
+    history = await recent_successful_turns(session, conversation.id)
+    turn = Message(prompt_content=prompt, response_content="", live=True)
+    return await start_reply(
+        session, conversation, turn, chat_messages(prompt, history)
     )
-    messages = chat_messages(prompt, history)
-    return await start_reply(session, conversation, message, messages)
 
 
 async def start_reply(
@@ -1359,9 +1345,8 @@ def request_schema(model: type[SQLModel], where: str) -> dict:
     schema = model.model_json_schema()
     if where == "body":
         content = {"application/json": {"schema": schema}}
-        required = bool(
-            schema.get("required")
-        )  # a body of optional fields may be left out
+        # A body whose fields are all optional may be left out.
+        required = bool(schema.get("required"))
         return {"requestBody": {"required": required, "content": content}}
     parameters = [
         {
@@ -1651,8 +1636,9 @@ SAMPLING = set(Sampling.model_fields)
 
 async def continued_turn(
     session: AsyncSession, history: list[tuple[str, str]]
-) -> tuple[Conversation, int] | None:
-    """The newest turn whose path is `history`, and its conversation, locked."""
+) -> Conversation | None:
+    """The conversation of the newest turn whose path is `history`, locked, that turn its
+    leaf."""
     newest = (
         select(Message.id, Message.conversation_id)
         .where(Message.path_hash == path_key(history))
@@ -1665,8 +1651,10 @@ async def continued_turn(
         Conversation, turn.conversation_id, with_for_update=True, populate_existing=True
     )
     # Deleted before the lock was ours: then the call matches no turn.
-    still_there = await session.get(Message, turn.id, populate_existing=True)
-    return (conversation, turn.id) if conversation and still_there else None
+    if conversation and await session.get(Message, turn.id, populate_existing=True):
+        await move_leaf(session, conversation, turn.id)  # the call's turn follows it
+        return conversation
+    return None
 
 
 def earlier_turns(messages: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
@@ -1686,10 +1674,9 @@ def earlier_turns(messages: list[tuple[str, str]]) -> list[tuple[str, str, int]]
 
 async def new_thread(
     session: AsyncSession, messages: list[tuple[str, str]], model: str
-) -> tuple[Conversation, int | None]:
+) -> Conversation:
     """A new conversation for a call whose history is no path here: its earlier pairs become
-    its first turns, as given, each after the one before, with its path. Returns it and
-    the id of its last turn."""
+    its first turns, as given, each after the one before, with its path."""
     first = next(text for role, text in messages if role == "user")
     conversation = Conversation(title=short_title(first), model_type=model)
     session.add(conversation)
@@ -1708,7 +1695,7 @@ async def new_thread(
         session.add(turn)
         await session.flush()  # its id, for the next one to follow
         conversation.leaf_id = turn.id
-    return conversation, conversation.leaf_id
+    return conversation
 
 
 async def start_call(
@@ -1719,19 +1706,11 @@ async def start_call(
     prompt_within_limit(call.messages[-1].content, ("body", "messages"))
     messages = [(message.role, message.content) for message in call.messages]
     if conversation_id is not None:
-        conversation = await locked_conversation(session, conversation_id)
-        parent_id = conversation.leaf_id
-    elif found := await continued_turn(session, messages[:-1]):
-        conversation, parent_id = found
-    else:
-        conversation, parent_id = await new_thread(session, messages, call.model)
+        conversation = await find_conversation(conversation_id, session)
+    elif not (conversation := await continued_turn(session, messages[:-1])):
+        conversation = await new_thread(session, messages, call.model)
     conversation.model_type = call.model
-    prompt = Message(
-        prompt_content=messages[-1][1],
-        response_content="",
-        live=True,
-        parent_id=parent_id,
-    )
+    prompt = Message(prompt_content=messages[-1][1], response_content="", live=True)
     to_model = [{"role": role, "content": text} for role, text in messages]
     sampling = call.model_dump(include=SAMPLING, exclude_none=True)
     return await start_reply(
@@ -1869,7 +1848,7 @@ async def list_models() -> dict:
 # The stateful API of OpenAI's SDKs and the Agents SDK, on the stored tree: a response is a
 # turn (resp_<message id>) run and stored like any other, and previous_response_id is the
 # turn it follows. The model gets the branch that ends there (each successful turn's input
-# items and reply), found in one recursive query up parent_id.
+# items and reply): that turn becomes the leaf first, so its branch is one index range.
 #
 # Sequence numbers are fixed by the reply's text, so that every stream of a response (live
 # or replayed, from any worker) numbers its events alike: the four opening events 0-3, a
@@ -2080,18 +2059,19 @@ def final_response(
     return {**head, "status": "failed", "error": error}, ""
 
 
-async def branch_context(session: AsyncSession, turn_id: int | None) -> list[dict]:
-    """The branch that ends at `turn_id` as the model gets it, oldest first: each successful
-    turn's input items (a turn of another endpoint: its prompt) and reply. One query: a
-    climb up parent_id to the first turn, a primary-key lookup a turn."""
-    if turn_id is None:
+async def branch_context(
+    session: AsyncSession, conversation: Conversation
+) -> list[dict]:
+    """The active branch as the model gets it, oldest first: each successful turn's input
+    items (a turn of another endpoint: its prompt) and reply. One query, an index range:
+    the branch's turns are marked on_branch (see move_leaf)."""
+    if conversation.id is None:
         return []
-    path = path_up(turn_id, lambda turn: true())
     query = (
         select(Message.input_items, Message.prompt_content, Message.response_content)
-        .join(path, col(Message.id) == path.c.id)
+        .where(Message.conversation_id == conversation.id, col(Message.on_branch))
         .where(Message.is_success == true())
-        .order_by(path.c.depth.desc())
+        .order_by(col(Message.created_at), col(Message.id))
     )
     messages = []
     for items, prompt, reply in (await session.exec(query)).all():
@@ -2106,8 +2086,8 @@ def model_message(role: str, text: str) -> dict:
 
 async def response_place(
     call: ResponseRequest, header_id: int | None, session: AsyncSession
-) -> tuple[Conversation, int | None]:
-    """The conversation of the call's turn, and the turn it follows."""
+) -> Conversation:
+    """The conversation of the call's turn, its leaf the turn that it follows."""
     named = call.conversation
     named = named.id if isinstance(named, ConversationRef) else named
     conversation_id = id_in(CONVERSATION_REF, named) if named else header_id
@@ -2125,12 +2105,13 @@ async def response_place(
             raise HTTPException(404, "Previous response not found")
         if previous.live:
             raise HTTPException(400, "The previous response is still in progress")
-        return conversation, previous.id
+        # The turn it follows becomes the leaf, then the new one (see store_turn).
+        await move_leaf(session, conversation, previous.id)
+        return conversation
     if named or header_id:
-        conversation = await locked_conversation(session, conversation_id or 0)
-        return conversation, conversation.leaf_id
+        return await find_conversation(conversation_id or 0, session)
     prompt = call.input[-1].content
-    return Conversation(title=short_title(prompt), model_type=call.model), None
+    return Conversation(title=short_title(prompt), model_type=call.model)
 
 
 async def start_response(
@@ -2138,9 +2119,9 @@ async def start_response(
 ) -> tuple[LiveReply, Message]:
     items = [(item.role, item.content) for item in call.input]
     prompt_within_limit(items[-1][1], ("body", "input"))
-    conversation, parent_id = await response_place(call, header_id, session)
+    conversation = await response_place(call, header_id, session)
     conversation.model_type = call.model
-    context = await branch_context(session, parent_id)
+    context = await branch_context(session, conversation)
     messages = [*context, *(model_message(*item) for item in items)]
     if call.instructions:
         messages.insert(0, model_message("system", call.instructions))
@@ -2151,7 +2132,6 @@ async def start_response(
         prompt_content=items[-1][1],
         response_content="",
         live=True,
-        parent_id=parent_id,
         input_items=items,
         response_options={**options, "background": bool(call.background)},
     )

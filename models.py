@@ -156,6 +156,16 @@ class Message(MessageBase, table=True):
             postgresql_where=sa.text("on_branch"),
             sqlite_where=sa.text("on_branch"),
         ),
+        # The active branch's last successful turns, the model's history.
+        Index(
+            "ix_messages_conversation_id_is_success_created_at_id_on_branch",
+            "conversation_id",
+            "is_success",
+            "created_at",
+            "id",
+            postgresql_where=sa.text("on_branch"),
+            sqlite_where=sa.text("on_branch"),
+        ),
         # The turns that follow one (a DELETE re-parents them; the foreign key's check).
         Index("ix_messages_parent_id", "parent_id"),
         # A /v1 call continues after the newest turn whose path is its history.

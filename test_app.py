@@ -4748,6 +4748,67 @@ def test_v1_after_kill_9_mid_call_the_retry_continues_the_same_conversation(
     assert dead["parent_id"] == retry["parent_id"]
 
 
+def test_the_page_regenerates_edits_and_switches_versions_and_keeps_the_branch(
+    open_page: Callable[..., Page], service: httpx.Client, tmp_path: Path
+) -> None:
+    conversation = new_conversation(service)  # echo: the reply is the prompt
+    chain(service, conversation["id"], "q1", "q2")
+    page = open_page(f"/#/c/{conversation['id']}")
+    problems = []
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    second = page.locator(".turn").nth(1)
+    expect(second.locator(".reply .text")).to_have_text("re q2")
+    expect(second.get_by_role("button", name="Previous version")).to_be_hidden()
+
+    second.get_by_role("button", name="Regenerate").click()
+    expect(second.locator(".reply .text")).to_have_text("q2")  # echo's, streamed
+    expect(second.locator(".counter")).to_have_text("2/2")
+    second.get_by_role("button", name="Edit").click()
+    editor = second.get_by_role("textbox", name="Edit message")
+    expect(editor).to_have_value("q2")
+    editor.fill("q2, edited")
+    editor.press("Enter")
+    expect(second.locator(".prompt .text")).to_have_text("q2, edited")
+    expect(second.locator(".reply .text")).to_have_text("q2, edited")
+    expect(second.locator(".counter")).to_have_text("3/3")
+    assert len(branch(service, conversation["id"], all=True)) == 4
+
+    second.get_by_role("button", name="Previous version").click()
+    expect(second.locator(".counter")).to_have_text("2/3")
+    expect(second.locator(".reply .text")).to_have_text("q2")
+    page.screenshot(path=tmp_path / "versions.png")
+    wait_for(lambda: branch(service, conversation["id"]) == ["q1", "q2"])
+    page.reload()
+    expect(page.locator(".turn").nth(1).locator(".counter")).to_have_text("2/3")
+    elsewhere = open_page(f"/#/c/{conversation['id']}")  # another browser profile
+    expect(elsewhere.locator(".turn").nth(1).locator(".counter")).to_have_text("2/3")
+    expect(elsewhere.locator(".turn").nth(1).locator(".reply .text")).to_have_text("q2")
+    elsewhere.locator(".turn").nth(1).get_by_role("button", name="Next version").click()
+    expect(elsewhere.locator(".turn").nth(1).locator(".counter")).to_have_text("3/3")
+    page.reload()
+    expect(page.locator(".turn").nth(1).locator(".prompt .text")).to_have_text(
+        "q2, edited"
+    )
+    assert problems == []
+    if os.environ.get("KEEP_SCREENSHOTS"):
+        shutil.copy(tmp_path / "versions.png", os.environ["KEEP_SCREENSHOTS"])
+
+
+def test_the_page_sends_after_the_branch_it_shows(
+    open_page: Callable[..., Page], service: httpx.Client
+) -> None:
+    conversation = new_conversation(service)
+    q1, _ = chain(service, conversation["id"], "q1", "q2")
+    switch(service, conversation["id"], q1["id"])
+    page = open_page(f"/#/c/{conversation['id']}")
+    expect(page.locator(".turn")).to_have_count(1)
+    send_message(page, "after q1")
+    expect(last_reply(page)).to_have_text("after q1")
+    expect(page.locator(".turn").nth(1).locator(".counter")).to_have_text("2/2")
+    assert branch(service, conversation["id"]) == ["q1", "after q1"]
+
+
 # OpenAI Responses API --------------------------------------------------------------------
 # The official openai SDK's client.responses, as scripts and the Agents SDK use it.
 

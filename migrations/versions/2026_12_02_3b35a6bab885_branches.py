@@ -92,6 +92,13 @@ def upgrade() -> None:
             postgresql_where=sa.text("on_branch"),
             sqlite_where=sa.text("on_branch"),
         )
+        batch_op.create_index(
+            "ix_messages_conversation_id_is_success_created_at_id_on_branch",
+            ["conversation_id", "is_success", "created_at", "id"],
+            unique=False,
+            postgresql_where=sa.text("on_branch"),
+            sqlite_where=sa.text("on_branch"),
+        )
         batch_op.create_index("ix_messages_parent_id", ["parent_id"], unique=False)
         batch_op.create_index(
             "ix_messages_path_hash_id",
@@ -130,6 +137,11 @@ def downgrade() -> None:
             sqlite_where=sa.text("path_hash IS NOT NULL"),
         )
         batch_op.drop_index("ix_messages_parent_id")
+        batch_op.drop_index(
+            "ix_messages_conversation_id_is_success_created_at_id_on_branch",
+            postgresql_where=sa.text("on_branch"),
+            sqlite_where=sa.text("on_branch"),
+        )
         batch_op.drop_index(
             "ix_messages_conversation_id_created_at_id_on_branch",
             postgresql_where=sa.text("on_branch"),
