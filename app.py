@@ -520,7 +520,8 @@ async def invalid_request(
     if under_v1(request.url.path):
         where = [".".join(map(str, e["loc"][1:])) for e in errors]  # after "body"
         message = "; ".join(
-            f"{at}: {e['msg']}" if at else e["msg"] for at, e in zip(where, errors)
+            f"{at}: {e['msg']}" if at else e["msg"]
+            for at, e in zip(where, errors, strict=True)
         )
         return JSONResponse(openai_error(400, message, where[0] or None), 400)
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
@@ -1770,7 +1771,9 @@ def usage(message: Message) -> dict | None:
     counts = (message.prompt_tokens, message.response_tokens, message.total_tokens)
     if None in counts:
         return None
-    return dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts))
+    return dict(
+        zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts, strict=True)
+    )
 
 
 def completion(reply: LiveReply, call: ChatRequest) -> dict:
