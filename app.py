@@ -75,8 +75,8 @@ from models import (
     ChatRequest,
     Conversation,
     ConversationCreate,
-    ConversationRef,
     ConversationPublic,
+    ConversationRef,
     ConversationReplace,
     ConversationUpdate,
     ErrorDetail,
@@ -88,8 +88,8 @@ from models import (
     OpenAIErrorBody,
     RegenerateRequest,
     ResponseRequest,
-    developer_is_system,
     Sampling,
+    developer_is_system,
     storable_piece,
     storable_text,
     utc_now,
@@ -615,7 +615,11 @@ async def update_conversation(
     fields = body.model_dump(exclude_unset=True)
     if "leaf_id" in fields:  # switching branches is not activity: updated_at stays
         conversation = await locked_conversation(session, conversation.id)
-        await switch_leaf(session, conversation, fields.pop("leaf_id"))
+        leaf_id = fields.pop("leaf_id")
+        turn = leaf_id and await session.get(Message, leaf_id)
+        if leaf_id and (turn is None or turn.conversation_id != conversation.id):
+            raise HTTPException(422, "leaf_id must be a turn of this conversation")
+        await move_leaf(session, conversation, leaf_id)
     if fields:
         conversation.sqlmodel_update(fields, update={"updated_at": utc_now()})
     await session.commit()
@@ -720,20 +724,17 @@ async def delete_message(message: MessageDep, session: SessionDep) -> None:
 
 
 # Branches --------------------------------------------------------------------------------
-# A conversation's turns form a tree: each follows its parent_id (none: a first turn), and
-# the conversation's leaf_id ends its active branch, the path from a first turn to the leaf.
-# Every turn of that path is marked on_branch (a partial index), so a page of a branch of
-# 20,000 turns is an index range: move_leaf() keeps the marks in step with the leaf, writing
-# only the turns where the old branch and the new one differ. Whatever stores a turn or moves
-# a leaf locks the conversation's row first (locked_conversation), so writers in one
-# conversation take turns and a turn never follows one deleted meanwhile.
+# A conversation's turns form a tree: each follows its parent_id (none: a first turn); its
+# leaf_id ends the active branch. The turns of that path are marked on_branch (partial indexes:
+# a page of a 20,000-turn branch is an index range), and move_leaf() rewrites only the marks
+# where the old branch and the new one differ. Whatever stores a turn, moves a leaf or deletes
+# a turn locks the conversation's row first: writers in one conversation take turns.
 
 
 async def locked_conversation(
     session: AsyncSession, conversation_id: int
 ) -> Conversation:
-    """The conversation as it is now, its row locked until commit (Postgres; a SQLite
-    database has one writer at a time)."""
+    """The conversation as it is now, its row locked until commit (SQLite: one writer anyway)."""
     conversation = await session.get(
         Conversation, conversation_id, with_for_update=True, populate_existing=True
     )
@@ -770,16 +771,6 @@ async def move_leaf(
     conversation.leaf_id = leaf_id
 
 
-async def switch_leaf(
-    session: AsyncSession, conversation: Conversation, leaf_id: int | None
-) -> None:
-    if leaf_id is not None:
-        turn = await session.get(Message, leaf_id)
-        if turn is None or turn.conversation_id != conversation.id:
-            raise HTTPException(422, "leaf_id must be a turn of this conversation")
-    await move_leaf(session, conversation, leaf_id)
-
-
 async def store_turn(
     session: AsyncSession, conversation: Conversation, message: Message
 ) -> None:
@@ -788,12 +779,8 @@ async def store_turn(
     if conversation.id is None:
         session.add(conversation)
         await session.flush()  # a new conversation gets its id
-    lock = (
-        update(Conversation)
-        .where(col(Conversation.id) == conversation.id)
-        .values(updated_at=utc_now())
-        .returning(Conversation.leaf_id)
-    )
+    lock = update(Conversation).where(col(Conversation.id) == conversation.id)
+    lock = lock.values(updated_at=utc_now()).returning(Conversation.leaf_id)
     if (leaf := (await session.exec(lock)).first()) is None:
         raise HTTPException(404, "Conversation not found")  # deleted meanwhile
     message.created_at = utc_now()  # in the order they follow one another
@@ -1398,8 +1385,7 @@ async def regenerate(
     session: SessionDep,
     last_event_id: LastEventId = None,
 ) -> Response:
-    """A sibling of the message: its prompt again, or a new one (an edit), streamed as
-    POST /text/generate/stream streams a turn."""
+    """A sibling of the message (with a prompt, an edit), streamed as generation is."""
     if resumed := resumed_from(last_event_id):
         return await follow(*resumed, session)
     body = await json_body(request) if await request.body() else {}

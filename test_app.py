@@ -4322,9 +4322,9 @@ def test_v1_calls_with_the_same_history_at_the_same_time_are_siblings_in_one_con
     async def eight_at_once() -> list[httpx.Headers]:
         async with openai.AsyncOpenAI(
             base_url=f"{server.url}/v1", api_key="unused", max_retries=0
-        ) as client:
+        ) as caller:
             calls = [
-                client.chat.completions.with_raw_response.create(
+                caller.chat.completions.with_raw_response.create(
                     model="fake:pieces=3:gap_ms=300", messages=messages
                 )
                 for _ in range(8)
@@ -4732,10 +4732,39 @@ def test_regenerate_of_an_unknown_message_is_404_and_stores_nothing(
     assert response.json() == {"detail": "Message not found"}
 
 
+def test_regenerate_with_a_last_event_id_is_a_reconnect_and_starts_no_turn(
+    client: httpx.Client,
+) -> None:
+    conversation = new_conversation(client)
+    (turn,) = chain(client, conversation["id"], "q1")
+    _, events = regenerate(client, turn["id"])
+    sibling = events[-1][1]
+    response = client.post(
+        f"/messages/{turn['id']}/regenerate",
+        headers={"Last-Event-ID": f"{sibling['id']}:end"},
+    )
+    assert response.status_code == 204
+    with client.stream(
+        "POST",
+        f"/messages/{turn['id']}/regenerate",
+        headers={"Last-Event-ID": f"{sibling['id']}:0"},
+    ) as response:
+        followed = list(iter_events(response))
+    assert followed[-1] == ("done", sibling)
+    assert len(branch(client, conversation["id"], all=True)) == 2
+
+
 @pytest.mark.parametrize(
     "body",
-    [{"prompt": ""}, {"prompt": "  "}, {"prompt": 5}, {"prompt": "a\x00b"}, ["q"]],
-    ids=["empty", "blank", "number", "nul", "list"],
+    [
+        {"prompt": ""},
+        {"prompt": "  "},
+        {"prompt": 5},
+        {"prompt": "a\x00b"},
+        {"prompt": "x" * 32_001},
+        ["q"],
+    ],
+    ids=["empty", "blank", "number", "nul", "over-max-prompt-chars", "list"],
 )
 def test_regenerate_with_a_bad_body_is_422_and_stores_nothing(
     client: httpx.Client, body: object
@@ -4816,7 +4845,7 @@ def test_switching_back_restores_what_the_model_gets(
     client: httpx.Client, llm_requests: list[dict]
 ) -> None:
     conversation = new_conversation(client, model_type="fake:pieces=1")
-    q1, q2 = chain(client, conversation["id"], "q1", "q2")
+    _, q2 = chain(client, conversation["id"], "q1", "q2")
     _, events = regenerate(client, q2["id"], {"prompt": "q2 edited"})
     edited = events[-1][1]
     switch(client, conversation["id"], q2["id"])
@@ -5224,9 +5253,10 @@ def test_responses_two_calls_at_once_on_one_response_are_siblings(
     root = sdk.responses.create(model="echo", input=unique("root"))
 
     async def two_at_once() -> list:
-        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x") as sdk:
+        base_url = f"{server.url}/v1"
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="x") as client:
             calls = [
-                sdk.responses.create(
+                client.responses.create(
                     model="fake:pieces=3:gap_ms=200",
                     input=f"branch {n}",
                     previous_response_id=root.id,

@@ -12,7 +12,6 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-
 # revision identifiers, used by Alembic.
 revision: str = "bc0d1bc44d2b"
 down_revision: str | Sequence[str] | None = "3b35a6bab885"
