@@ -1060,12 +1060,12 @@ def one_live_reply(start_app: Callable[..., Server]) -> Server:
 
 
 def every_operation(openapi: dict) -> Iterator[tuple[str, str]]:
+    ids = {"{conversation_id}": "1", "{message_id}": "1", "{response_id}": "resp_1"}
     for path, operations in openapi["paths"].items():
+        for name, value in ids.items():
+            path = path.replace(name, value)
         for method in operations:
-            yield (
-                method.upper(),
-                path.replace("{conversation_id}", "1").replace("{message_id}", "1"),
-            )
+            yield method.upper(), path
 
 
 # Every operation of the API but /health, as every_operation() lists them. A new endpoint goes
@@ -1086,8 +1086,14 @@ API_OPERATIONS = {
     ("POST", "/text/generate/stream"),
     ("GET", "/messages/1/stream"),
     ("POST", "/messages/1/stop"),
+    ("POST", "/messages/1/regenerate"),
     ("POST", "/v1/chat/completions"),
     ("GET", "/v1/models"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/resp_1"),
+    ("POST", "/v1/responses/resp_1/cancel"),
+    ("DELETE", "/v1/responses/resp_1"),
+    ("GET", "/v1/responses/resp_1/input_items"),
 }
 
 
