@@ -3517,6 +3517,7 @@ def resolved(openapi: dict, schema: dict) -> dict:
         ("get", "/text/generate/stream", {401, 403, 404, 422, 429}),
         ("post", "/text/generate/stream", {401, 403, 404, 422, 429}),
         ("get", "/messages/{message_id}/stream", {401, 403, 404, 422}),
+        ("post", "/messages/{message_id}/regenerate", {401, 403, 404, 422, 429}),
     ],
 )
 def test_the_openapi_document_describes_each_stream_its_events_and_its_errors(
@@ -3558,6 +3559,10 @@ def test_the_openapi_document_shows_what_the_generation_endpoints_read(
     )
     assert set(body["properties"]) == {"prompt", "conversation_id"}
     assert body["required"] == ["prompt"]
+    again = openapi["paths"]["/messages/{message_id}/regenerate"]["post"]["requestBody"]
+    assert again["required"] is False  # the prompt is optional, and so is the body
+    schema = resolved(openapi, again["content"]["application/json"]["schema"])
+    assert set(schema["properties"]) == {"prompt"}
 
 
 def test_every_operation_id_in_the_openapi_document_is_unique(
