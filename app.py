@@ -832,9 +832,8 @@ class LiveReply:
     message_id: int
     conversation_id: int
     pieces: list[str] = field(default_factory=list)
-    lengths: list[str] = field(
-        default_factory=list
-    )  # the pieces', as text (checkpoints)
+    # The pieces' lengths as text, kept as they come: a checkpoint joins them.
+    lengths: list[str] = field(default_factory=list)
     length: int = 0  # characters so far
     finish_reason: str | None = None  # why the model stopped, as it said (stop, length)
     usage: dict[str, int | None] = field(default_factory=dict)
