@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html import escape as html_escape
@@ -85,6 +85,7 @@ from models import (
     ConversationCreate,
     ConversationExport,
     ConversationPublic,
+    ConversationRef,
     ConversationReplace,
     ConversationUpdate,
     ErrorDetail,
@@ -97,10 +98,12 @@ from models import (
     MessagePublic,
     OpenAIErrorBody,
     RegenerateRequest,
+    ResponseRequest,
     Sampling,
     SearchHit,
     TurnImport,
     cleaned_text,
+    developer_is_system,
     iso_timestamp,
     storable_piece,
     storable_text,
@@ -846,6 +849,8 @@ class LiveReply:
     message_id: int
     conversation_id: int
     pieces: list[str] = field(default_factory=list)
+    # The pieces' lengths as text, kept as they come: a checkpoint joins them.
+    lengths: list[str] = field(default_factory=list)
     length: int = 0  # characters so far
     finish_reason: str | None = None  # why the model stopped, as it said (stop, length)
     usage: dict[str, int | None] = field(default_factory=dict)
@@ -869,6 +874,7 @@ class LiveReply:
         piece = storable_piece(piece)[:room]
         if piece:
             self.pieces.append(piece)
+            self.lengths.append(str(len(piece)))
             self.length += len(piece)
             self.wake_followers()
         return len(piece) < room
@@ -884,6 +890,9 @@ class LiveReply:
             name: value if type(value) is int and 0 <= value <= INT32_MAX else None
             for name, value in counts.items()
         }
+
+    def piece_lengths(self) -> str:
+        return ",".join(self.lengths)
 
     def wake_followers(self) -> None:
         # Followers wait on the event they saw; later ones get a new, unset event.
@@ -943,7 +952,9 @@ async def checkpoint(reply: LiveReply) -> None:
                 update(Message)
                 .where(live_row)
                 .values(
-                    response_content="".join(reply.pieces), updated_at=database_clock()
+                    response_content="".join(reply.pieces),
+                    piece_lengths=reply.piece_lengths(),
+                    updated_at=database_clock(),
                 )
                 .returning(Message.id, Message.status_code)
             )
@@ -973,6 +984,8 @@ async def store_end(
     as stored (another process may have ended it first) and the row."""
     values = {
         "response_content": "".join(reply.pieces),
+        "piece_lengths": reply.piece_lengths(),
+        "finish_reason": reply.finish_reason,
         **reply.usage,
         "is_success": status_code == 200,
         "status_code": status_code,
@@ -1501,7 +1514,20 @@ async def events_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[bytes
 
 
 async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[bytes]:
-    """A reply of another process (or one that ended) as its row shows it, polled."""
+    end = []
+    async for text in text_from_the_row(message_id, offset, end):
+        offset += len(text)
+        yield piece_event(message_id, text, offset) if text else PING
+    if end:
+        yield final_event(message_id, *end[0])
+
+
+async def text_from_the_row(
+    message_id: int, offset: int, end: list[tuple[int, str, Message | None]]
+) -> AsyncIterator[str]:
+    """A reply of another process (or one that ended) as its row shows it, polled: the text
+    past `offset`, "" after PING_SECONDS without any; then `end` gets how it ended (none when
+    the database failed or this server is going away: the client reconnects)."""
     last_sent = time.monotonic()
     while True:
         # Only the text past what was sent: a long reply is not read whole every poll.
@@ -1516,22 +1542,21 @@ async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[byt
                     else None
                 )
         except DATABASE_ERRORS:
-            return  # the client reconnects, and goes on from its last event
-        if row is None:
-            yield final_event(message_id, 410, DELETED, None)
             return
-        text = row[0]
-        if text:
+        if row is None:
+            end.append((410, DELETED, None))
+            return
+        if text := row[0]:
             offset += len(text)
-            yield piece_event(message_id, text, offset)
+            yield text
             last_sent = time.monotonic()
         if ended:
-            yield final_event(message_id, *how_it_ended(ended), ended)
+            end.append((*how_it_ended(ended), ended))
             return
         if stopping:
-            return  # this server is going away: the client reconnects to another
+            return
         if time.monotonic() - last_sent > PING_SECONDS:
-            yield PING
+            yield ""
             last_sent = time.monotonic()
         await asyncio.sleep(settings.checkpoint_ms / 1000)
 
@@ -1701,19 +1726,31 @@ async def chat_completions(
     call: ChatRequest, session: SessionDep, conversation_id: ConversationHeader = None
 ) -> Response:
     reply = await start_call(call, conversation_id, session)
-    headers = {
-        "X-Conversation-Id": str(reply.conversation_id),
-        "X-Message-Id": str(reply.message_id),
-    }
-    # The status goes out first: a stream waits for the first piece (or the end), so that
-    # an upstream error before it gets its own status; a completion waits for the end.
-    while not (reply.stored.is_set() or (call.stream and reply.pieces)):
-        await reply.changed.wait()
+    headers = turn_headers(reply)
+    await answered(reply, bool(call.stream))
     if call.stream and (reply.pieces or reply.status_code == 200):
         chunks = completion_chunks(reply, call)
         return EventSourceResponse(chunks, headers={**headers, **STREAM_HEADERS})
     if reply.status_code == 200:
         return JSONResponse(completion(reply, call), headers=headers)
+    return call_failed(reply, headers)
+
+
+def turn_headers(reply: LiveReply) -> dict[str, str]:
+    return {
+        "X-Conversation-Id": str(reply.conversation_id),
+        "X-Message-Id": str(reply.message_id),
+    }
+
+
+async def answered(reply: LiveReply, stream: bool) -> None:
+    """The status goes out first: a stream waits for the first piece (or the end), so that an
+    upstream error before it gets its own status; a whole answer waits for the end."""
+    while not (reply.stored.is_set() or (stream and reply.pieces)):
+        await reply.changed.wait()
+
+
+def call_failed(reply: LiveReply, headers: dict[str, str]) -> JSONResponse:
     # The upstream refusing our own key is not the caller's fault. And the turn is stored:
     # a retry would store another.
     status_code = 502 if reply.status_code in (401, 403) else reply.status_code
@@ -2199,6 +2236,392 @@ async def import_conversations(request: Request, session: SessionDep) -> ImportR
     ids += await store_imports(session, batch) if batch else []
     await session.commit()  # all of it, or (an error above) none
     return ImportResult(conversation_ids=ids)
+
+
+# OpenAI Responses API --------------------------------------------------------------------
+# The stateful API of OpenAI's SDKs and the Agents SDK, on the stored tree: a response is a
+# turn (resp_<message id>) run and stored like any other, and previous_response_id is the
+# turn it follows. The model gets the branch that ends there (each successful turn's input
+# items and reply): that turn becomes the leaf first, so its branch is one index range.
+#
+# Sequence numbers are fixed by the reply's text, so that every stream of a response (live
+# or replayed, from any worker) numbers its events alike: the four opening events 0-3, a
+# delta whose text ends at offset k 3+k, the four closing events L+4 to L+7 (L: the length of
+# the stored reply). A replay splits the text where the live stream's pieces ended (their
+# lengths are kept with every checkpoint), so any number a client saw ends a delta, and a
+# client that resumes after it gets each character once.
+
+RESPONSE_ID = re.compile(r"resp_(\d{1,10})")
+CONVERSATION_REF = re.compile(r"conv_(\d{1,10})")
+CLOSING = {"completed": "completed", "incomplete": "incomplete"}  # else: failed
+ECHOED = ("instructions", "temperature", "top_p", "max_output_tokens")  # and metadata
+FIXED = {
+    "store": True,
+    "parallel_tool_calls": False,
+    "tool_choice": "none",
+    "tools": [],
+}
+NOTHING_YET = {"output": [], "usage": None, "error": None, "incomplete_details": None}
+
+
+def id_in(pattern: re.Pattern, value: str) -> int | None:
+    found = pattern.fullmatch(value)
+    return int(found[1]) if found and int(found[1]) <= INT32_MAX else None
+
+
+async def response_row(session: AsyncSession, response_id: str) -> Any:
+    """(the turn, its conversation's model), or None."""
+    if not (message_id := id_in(RESPONSE_ID, response_id)):
+        return None
+    query = select(Message, Conversation.model_type).join(Conversation)
+    return (await session.exec(query.where(col(Message.id) == message_id))).first()
+
+
+async def find_response(response_id: str, session: SessionDep) -> tuple[Message, str]:
+    if not (row := await response_row(session, response_id)):
+        raise HTTPException(404, "Response not found")
+    return row
+
+
+FoundResponse = Annotated[tuple[Message, str], Depends(find_response)]
+
+
+def response_status(message: Message, detail: str = "") -> tuple[str, dict | None]:
+    if message.live:
+        return "in_progress", None
+    if message.is_success is False:
+        if message.status_code == STOPPED:
+            return "cancelled", None
+        status_code, generic = how_it_ended(message)
+        return "failed", {"code": str(status_code), "message": detail or generic}
+    return "incomplete" if message.finish_reason == "length" else "completed", None
+
+
+def output_text(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def output_message(message_id: int, text: str, status: str) -> dict:
+    return {
+        "id": f"msg_{message_id}",
+        "type": "message",
+        "role": "assistant",
+        "status": status if status in ("in_progress", "completed") else "incomplete",
+        "content": [output_text(text)] if text or status != "in_progress" else [],
+    }
+
+
+def response_object(message: Message, model: str, detail: str = "") -> dict:
+    """The response as its turn is stored (`detail`: the error's, when known)."""
+    status, error = response_status(message, detail)
+    options = message.response_options or {}
+    text, counts = message.response_content, usage(message)
+    cut = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    return {
+        "id": f"resp_{message.id}",
+        "object": "response",
+        "created_at": int(message.created_at.timestamp()),
+        "status": status,
+        "model": model,
+        "output": [output_message(message.id, text, status)] if text else [],
+        "previous_response_id": message.parent_id and f"resp_{message.parent_id}",
+        "metadata": options.get("metadata", {}),
+        "usage": counts and response_usage(*counts.values()),
+        "error": error,
+        "incomplete_details": cut,
+        "background": options.get("background", False),
+        **FIXED,
+        **{name: options.get(name) for name in ECHOED},
+        "conversation": {"id": f"conv_{message.conversation_id}"},
+    }
+
+
+def response_usage(prompt: int, completion: int, total: int) -> dict:
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": total,
+    }
+
+
+def at_start(response: dict) -> dict:
+    """What response.created and response.in_progress carry, in every stream."""
+    return {**response, "status": "in_progress", **NOTHING_YET}
+
+
+def split_at_pieces(text: str, piece_lengths: str | None, offset: int) -> Iterator[str]:
+    """The text past `offset`, in deltas that end where the reply's pieces ended."""
+    start, lengths = offset, filter(None, (piece_lengths or "").split(","))
+    for end in itertools.accumulate(map(int, lengths)):
+        if end >= len(text):
+            break
+        if end > start:
+            yield text[start:end]
+            start = end
+    if start < len(text):
+        yield text[start:]
+
+
+async def response_texts(
+    turn: LiveReply | Message, offset: int, end: list
+) -> AsyncIterator[str]:
+    """The reply past `offset`: what there is now, split where its pieces ended, then the
+    rest as it comes ("" for a ping); then `end` gets how it ended (see text_from_the_row)."""
+    if isinstance(turn, Message):
+        turn = live_replies.get(turn.id, turn)
+    if isinstance(turn, LiveReply):
+        text, piece_lengths = "".join(turn.pieces), turn.piece_lengths()
+    else:
+        text, piece_lengths = turn.response_content, turn.piece_lengths
+    for delta in split_at_pieces(text, piece_lengths, offset):
+        yield delta
+    offset = max(offset, len(text))
+    if isinstance(turn, LiveReply):
+        async for delta in text_in_memory(turn, offset):
+            yield delta
+        end.append((turn.status_code, turn.detail, turn.message))
+    elif turn.live:
+        async for delta in text_from_the_row(turn.id, offset, end):
+            yield delta
+    else:
+        end.append((*how_it_ended(turn), turn))
+
+
+def response_event(number: int, kind: str, **fields: Any) -> bytes:
+    """`event:` and `data:` only: an `id:` line would break the SDK's decoder."""
+    data = {"type": f"response.{kind}", "sequence_number": number, **fields}
+    return format_sse_event(
+        event=data["type"], data_str=json.dumps(data, ensure_ascii=False)
+    )
+
+
+def response_stream(
+    turn: LiveReply | Message, head: dict, after: int, headers: dict | None = None
+) -> EventSourceResponse:
+    """The response's events numbered above `after`, live to its end."""
+    end, offset = [], max(after - 3, 0)
+    events = response_events(
+        head, response_texts(turn, offset, end), offset, end, after
+    )
+    return EventSourceResponse(events, headers={**(headers or {}), **STREAM_HEADERS})
+
+
+async def response_events(
+    head: dict, texts: AsyncIterator[str], offset: int, end: list, after: int
+) -> AsyncIterator[bytes]:
+    message_id = int(head["id"].removeprefix("resp_"))
+    part = {"item_id": f"msg_{message_id}", "output_index": 0, "content_index": 0}
+    item = output_message(message_id, "", "in_progress")
+    opening = [
+        ("created", {"response": head}),
+        ("in_progress", {"response": head}),
+        ("output_item.added", {"output_index": 0, "item": item}),
+        ("content_part.added", {**part, "part": output_text("")}),
+    ]
+    for number, (kind, fields) in enumerate(opening):
+        if number > after:
+            yield response_event(number, kind, **fields)
+    async for text in texts:
+        offset += len(text)
+        delta = {**part, "delta": text, "logprobs": []}
+        yield response_event(3 + offset, "output_text.delta", **delta) if text else PING
+    if not end:
+        return  # the database failed or the server is going away: the client resumes
+    final, text = final_response(head, *end[0])
+    item = output_message(message_id, text, final["status"])
+    closing = [
+        ("output_text.done", {**part, "text": text, "logprobs": []}),
+        ("content_part.done", {**part, "part": output_text(text)}),
+        ("output_item.done", {"output_index": 0, "item": item}),
+        (CLOSING.get(final["status"], "failed"), {"response": final}),
+    ]
+    length = len(text) if end[0][2] else offset  # stored, or deleted meanwhile
+    for number, (kind, fields) in enumerate(closing, length + 4):
+        if number > after:
+            yield response_event(number, kind, **fields)
+
+
+def final_response(
+    head: dict, status_code: int, detail: str, message: Message | None
+) -> tuple[dict, str]:
+    """The response as stored and its text; one that could not be stored has failed."""
+    if message:
+        return response_object(message, head["model"], detail), message.response_content
+    error = {"code": str(status_code), "message": detail}
+    return {**head, "status": "failed", "error": error}, ""
+
+
+async def branch_context(
+    session: AsyncSession, conversation: Conversation
+) -> list[dict]:
+    """The active branch as the model gets it, oldest first: each successful turn's input
+    items (a turn of another endpoint: its prompt) and reply. One query, an index range:
+    the branch's turns are marked on_branch (see move_leaf)."""
+    if conversation.id is None:
+        return []
+    query = (
+        select(Message.input_items, Message.prompt_content, Message.response_content)
+        .where(Message.conversation_id == conversation.id, col(Message.on_branch))
+        .where(Message.is_success == true())
+        .order_by(col(Message.created_at), col(Message.id))
+    )
+    messages = []
+    for items, prompt, reply in (await session.exec(query)).all():
+        messages += [model_message(*item) for item in items or [("user", prompt)]]
+        messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+def model_message(role: str, text: str) -> dict:
+    return {"role": developer_is_system(role), "content": text}
+
+
+async def response_place(
+    call: ResponseRequest, header_id: int | None, session: AsyncSession
+) -> Conversation:
+    """The conversation of the call's turn, its leaf the turn that it follows."""
+    named = call.conversation
+    named = named.id if isinstance(named, ConversationRef) else named
+    conversation_id = id_in(CONVERSATION_REF, named) if named else header_id
+    if named and header_id and conversation_id != header_id:
+        raise HTTPException(400, "conversation and X-Conversation-Id differ")
+    if call.previous_response_id is not None:
+        if named or header_id:
+            raise HTTPException(400, "previous_response_id or conversation, not both")
+        if not (row := await response_row(session, call.previous_response_id)):
+            raise HTTPException(404, "Previous response not found")
+        conversation = await locked_conversation(session, row[0].conversation_id)
+        # Read again under the lock: it may have been deleted since.
+        previous = await session.get(Message, row[0].id, populate_existing=True)
+        if not previous:
+            raise HTTPException(404, "Previous response not found")
+        if previous.live:
+            raise HTTPException(400, "The previous response is still in progress")
+        # The turn it follows becomes the leaf, then the new one (see store_turn).
+        await move_leaf(session, conversation, previous.id)
+        return conversation
+    if named or header_id:
+        return await find_conversation(conversation_id or 0, session)
+    prompt = call.input[-1].content
+    return Conversation(title=short_title(prompt), model_type=call.model)
+
+
+async def start_response(
+    call: ResponseRequest, header_id: int | None, session: AsyncSession
+) -> tuple[LiveReply, Message]:
+    items = [(item.role, item.content) for item in call.input]
+    prompt_within_limit(items[-1][1], ("body", "input"))
+    conversation = await response_place(call, header_id, session)
+    conversation.model_type = call.model
+    context = await branch_context(session, conversation)
+    messages = [*context, *(model_message(*item) for item in items)]
+    if call.instructions:
+        messages.insert(0, model_message("system", call.instructions))
+    options = call.model_dump(
+        include={*ECHOED, "tags"}, exclude_none=True, by_alias=True
+    )
+    message = Message(
+        prompt_content=items[-1][1],
+        response_content="",
+        live=True,
+        input_items=items,
+        response_options={**options, "background": bool(call.background)},
+    )
+    sampling = call.model_dump(include={"temperature", "top_p"}, exclude_none=True)
+    if call.max_output_tokens:
+        sampling["max_tokens"] = call.max_output_tokens
+    reply = await start_reply(session, conversation, message, messages, sampling)
+    return reply, message
+
+
+@api.post("/v1/responses", response_class=Response, responses=OPENAI_ERRORS)
+async def create_response(
+    call: ResponseRequest,
+    session: SessionDep,
+    conversation_id: ConversationHeader = None,
+) -> Response:
+    reply, message = await start_response(call, conversation_id, session)
+    headers = turn_headers(reply)
+    head = at_start(response_object(message, call.model))
+    if call.background and not call.stream:
+        return JSONResponse(head, headers=headers)
+    await answered(reply, bool(call.stream))
+    failed_early = not reply.pieces and reply.status_code not in (200, STOPPED, None)
+    if failed_early or (reply.message is None and not call.stream):
+        return call_failed(reply, headers)
+    if call.stream:
+        return response_stream(reply, head, -1, headers)
+    return JSONResponse(
+        response_object(reply.message, call.model, reply.detail), headers=headers
+    )
+
+
+@api.get(
+    "/v1/responses/{response_id}", response_class=Response, responses=OPENAI_ERRORS
+)
+async def retrieve_response(
+    found: FoundResponse,
+    session: SessionDep,
+    stream: bool = False,
+    starting_after: Annotated[int, Query(ge=0, le=INT32_MAX)] | None = None,
+) -> Response:
+    message, model = found
+    if not stream:
+        return JSONResponse(response_object(message, model))
+    await session.close()  # hold no connection for the stream's length
+    after = -1 if starting_after is None else starting_after
+    return response_stream(message, at_start(response_object(message, model)), after)
+
+
+@api.post("/v1/responses/{response_id}/cancel", responses=OPENAI_ERRORS)
+async def cancel_response(found: FoundResponse, session: SessionDep) -> dict:
+    message, model = found
+    if message.live:
+        with suppress(HTTPException):  # it ended meanwhile: it is returned as stored
+            await stop_reply(message, session)
+        await session.refresh(message)
+    return response_object(message, model)
+
+
+@api.delete("/v1/responses/{response_id}", responses=OPENAI_ERRORS)
+async def delete_response(found: FoundResponse, session: SessionDep) -> dict:
+    await delete_message(found[0], session)
+    return {"id": f"resp_{found[0].id}", "object": "response.deleted", "deleted": True}
+
+
+def input_item(message_id: int, n: int, role: str, text: str) -> dict:
+    part = {"type": "input_text", "text": text}
+    content = [output_text(text) if role == "assistant" else part]
+    item = {"id": f"msg_{message_id}_{n}", "type": "message", "role": role}
+    return {**item, "status": "completed", "content": content}
+
+
+@api.get("/v1/responses/{response_id}/input_items", responses=OPENAI_ERRORS)
+async def list_input_items(
+    found: FoundResponse,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict:
+    message = found[0]
+    given = message.input_items or [("user", message.prompt_content)]
+    items = [input_item(message.id, n, *item) for n, item in enumerate(given)]
+    if order == "desc":
+        items.reverse()
+    ids = [item["id"] for item in items]
+    if after is not None and after not in ids:
+        raise HTTPException(400, "after: not an input item of this response")
+    start = ids.index(after) + 1 if after is not None else 0
+    page = items[start : start + limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": start + limit < len(items),
+    }
 
 
 app.include_router(api)

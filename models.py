@@ -215,6 +215,17 @@ class Message(MessageBase, table=True):
     live: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
     created_at: datetime = Field(default_factory=utc_now)
     updated_at: datetime = Field(default_factory=utc_now)
+    # Why the model stopped (stop, length), as it said: a reply cut at a cap is `incomplete`.
+    finish_reason: str | None = Field(default=None, max_length=20)
+    # The lengths of the reply's pieces as they were streamed, comma-separated: a replay of a
+    # response splits its text where the live stream did (see "OpenAI Responses API").
+    piece_lengths: str | None = Field(default=None, sa_type=sa.Text)
+    # A Responses call's input, [[role, text], ...] (its last item is the prompt), and its
+    # options (instructions, metadata, sampling, background), returned as it was sent.
+    input_items: list | None = Field(default=None, sa_type=sa.JSON(none_as_null=True))
+    response_options: dict | None = Field(
+        default=None, sa_type=sa.JSON(none_as_null=True)
+    )
 
 
 class MessageCreate(MessageBase):
@@ -571,3 +582,80 @@ class ChatGPTConversation(BaseModel):
 
 class ImportResult(SQLModel):
     conversation_ids: list[int]  # the new conversations, in the body's order
+
+
+# OpenAI Responses API --------------------------------------------------------------------
+
+
+def text_of_parts(content: object) -> object:
+    """A Responses message's content as one text: its text parts joined with newlines."""
+    if not isinstance(content, list):
+        return content
+    for part in content:
+        is_text = isinstance(part, dict) and part.get("type") in TEXT_PARTS
+        if not (is_text and isinstance(part.get("text"), str)):
+            raise ValueError(
+                "only input_text and output_text content parts are supported"
+            )
+    return "\n".join(part["text"] for part in content)
+
+
+TEXT_PARTS = ("input_text", "output_text")
+MetadataText = Annotated[
+    Annotated[str, StringConstraints(max_length=512)], AfterValidator(storable_text)
+]
+
+
+class ResponseInputMessage(SQLModel):
+    model_config = STRICT
+
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Annotated[Content, BeforeValidator(text_of_parts)]
+    type: Literal["message"] | None = (
+        None  # function calls, images, files: not supported
+    )
+
+
+def one_user_message(value: object) -> object:
+    return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+
+def ends_with_the_users(
+    items: list[ResponseInputMessage],
+) -> list[ResponseInputMessage]:
+    if not items or items[-1].role != "user":
+        raise ValueError("the last input message must be the user's: it is the prompt")
+    return items
+
+
+class ConversationRef(SQLModel):
+    model_config = STRICT
+
+    id: str
+
+
+class ResponseRequest(SQLModel):
+    """A Responses API call; fields not listed are ignored."""
+
+    model_config = STRICT
+
+    model: ModelType
+    input: Annotated[
+        list[ResponseInputMessage],
+        BeforeValidator(one_user_message),
+        AfterValidator(ends_with_the_users),
+    ]
+    instructions: Content | None = None
+    previous_response_id: str | None = None
+    conversation: str | ConversationRef | None = None
+    stream: bool | None = None
+    background: bool | None = None
+    store: bool | None = None  # every response is stored
+    # Not `metadata`, which is SQLModel's own attribute.
+    tags: dict[MetadataText, MetadataText] | None = Field(
+        default=None, alias="metadata", max_length=16
+    )
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: Annotated[list, Field(max_length=0)] | None = None  # [] is accepted

@@ -16,6 +16,7 @@ import configparser
 import contextlib
 import hashlib
 import http.client
+import itertools
 import json
 import multiprocessing
 import os
@@ -96,10 +97,12 @@ def script(model: str) -> dict:
     answers, usage=0 never reports usage, finish=none ends without a finish_reason.
     Odd replies: size=N makes each piece N characters long, odd=1 sends the pieces in ODD_PIECES,
     usage=2 reports counts no column can hold, long_error=1 fails with a long, many-line message.
+    echo=1 replies with the JSON of the [role, content] pairs it was sent (16 characters a
+    piece); cap=1 honours max_tokens: at most that many pieces, then finish_reason length.
     """
     options = {"pieces": 3, "first_ms": 0, "gap_ms": 0, "fail": 0, "title_fail": 0}
     options |= {"abort": -1, "hang": 0, "usage": 1, "finish": "stop", "size": 0}
-    options |= {"odd": 0, "long_error": 0}
+    options |= {"odd": 0, "long_error": 0, "echo": 0, "cap": 0}
     for part in model.split(":")[1:]:
         key, value = part.split("=")
         options[key] = value if key == "finish" else int(value)
@@ -136,6 +139,11 @@ async def chat_completions(request: Request) -> object:
         words = [str(i % 10) * run["size"] for i in range(run["pieces"])]
     if run["odd"]:
         words = ODD_PIECES
+    if run["echo"]:
+        sent = json.dumps([[m["role"], m["content"]] for m in body["messages"]])
+        words = [sent[i : i + 16] for i in range(0, len(sent), 16)]
+    if run["cap"] and len(words) > (limit := body.get("max_tokens") or len(words)):
+        words, run["finish"] = words[:limit], "length"
     if not body.get("stream"):
         await asyncio.sleep(run["first_ms"] / 1000)
         if run["title_fail"]:
@@ -1053,12 +1061,12 @@ def one_live_reply(start_app: Callable[..., Server]) -> Server:
 
 
 def every_operation(openapi: dict) -> Iterator[tuple[str, str]]:
+    ids = {"{conversation_id}": "1", "{message_id}": "1", "{response_id}": "resp_1"}
     for path, operations in openapi["paths"].items():
+        for name, value in ids.items():
+            path = path.replace(name, value)
         for method in operations:
-            yield (
-                method.upper(),
-                path.replace("{conversation_id}", "1").replace("{message_id}", "1"),
-            )
+            yield method.upper(), path
 
 
 # Every operation of the API but /health, as every_operation() lists them. A new endpoint goes
@@ -1079,8 +1087,14 @@ API_OPERATIONS = {
     ("POST", "/text/generate/stream"),
     ("GET", "/messages/1/stream"),
     ("POST", "/messages/1/stop"),
+    ("POST", "/messages/1/regenerate"),
     ("POST", "/v1/chat/completions"),
     ("GET", "/v1/models"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/resp_1"),
+    ("POST", "/v1/responses/resp_1/cancel"),
+    ("DELETE", "/v1/responses/resp_1"),
+    ("GET", "/v1/responses/resp_1/input_items"),
 }
 
 
@@ -3548,8 +3562,8 @@ def test_the_openapi_document_shows_what_the_generation_endpoints_read(
     assert body["required"] == ["prompt"]
     again = openapi["paths"]["/messages/{message_id}/regenerate"]["post"]["requestBody"]
     assert again["required"] is False  # the prompt is optional, and so is the body
-    again_schema = resolved(openapi, again["content"]["application/json"]["schema"])
-    assert set(again_schema["properties"]) == {"prompt"}
+    schema = resolved(openapi, again["content"]["application/json"]["schema"])
+    assert set(schema["properties"]) == {"prompt"}
 
 
 def test_every_operation_id_in_the_openapi_document_is_unique(
@@ -5870,3 +5884,591 @@ def test_the_search_migration_indexes_the_ended_turns_a_database_already_holds(
         stop(process)
     assert alembic(ini, url, "downgrade", "-1").returncode == 0
     assert alembic(ini, url, "upgrade", "head").returncode == 0
+
+
+# OpenAI Responses API --------------------------------------------------------------------
+# The official openai SDK's client.responses, as scripts and the Agents SDK use it.
+
+DELTA = "response.output_text.delta"
+
+
+def turn_of(response: object) -> int:
+    return int(response.id.removeprefix("resp_"))
+
+
+def sent_to_model(response: object) -> list[list[str]]:
+    """What the model was sent, from a fake:echo=1 reply."""
+    return json.loads(response.output_text)
+
+
+def text_of_deltas(events: list) -> str:
+    return "".join(event.delta for event in events if event.type == DELTA)
+
+
+def read_deltas(stream: Iterator, chars: int) -> tuple[str, int]:
+    """Read a stream until it gave `chars` characters: the text and the last number seen."""
+    text = ""
+    for event in stream:
+        text += event.delta if event.type == DELTA else ""
+        if len(text) >= chars:
+            return text, event.sequence_number
+    pytest.fail("the stream ended early")
+
+
+def resumed(sdk: openai.OpenAI, how: str, response_id: str, after: int) -> list:
+    """The events after number `after`, by either of the SDK's ways to resume."""
+    if how == "retrieve":
+        events = list(
+            sdk.responses.retrieve(response_id, stream=True, starting_after=after)
+        )
+    else:
+        with sdk.responses.stream(
+            response_id=response_id, starting_after=after
+        ) as stream:
+            events = list(stream)
+    assert all(event.sequence_number > after for event in events)
+    return events
+
+
+def numbers(sdk: openai.OpenAI, response_id: str) -> list[tuple[str, int]]:
+    events = sdk.responses.retrieve(response_id, stream=True)
+    return [(event.type, event.sequence_number) for event in events]
+
+
+def finished(sdk: openai.OpenAI, response_id: str) -> object:
+    def check() -> object:
+        response = sdk.responses.retrieve(response_id)
+        return response if response.status != "in_progress" else None
+
+    return wait_for(check)
+
+
+PIECES_30 = "".join(f"w{i} " for i in range(30))
+
+
+def test_responses_a_string_input_is_a_stored_turn_of_a_new_conversation_and_its_leaf(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    prompt = unique("hello there")
+    response = sdk.responses.create(model="echo", input=prompt)
+    assert (response.status, response.output_text, response.model) == (
+        "completed",
+        prompt,
+        "echo",
+    )
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (3, 3)
+    stored = client.get(f"/messages/{turn_of(response)}").json()
+    assert (stored["prompt_content"], stored["response_content"]) == (prompt, prompt)
+    assert (stored["is_success"], stored["parent_id"]) == (True, None)
+    conversation = client.get(f"/conversations/{stored['conversation_id']}").json()
+    assert (conversation["leaf_id"], conversation["title"]) == (stored["id"], prompt)
+    assert response.conversation.id == f"conv_{conversation['id']}"
+
+
+def test_responses_a_message_list_is_kept_as_the_input_items_its_last_the_prompt(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    parts = [
+        {"type": "input_text", "text": "two"},
+        {"type": "input_text", "text": "parts"},
+    ]
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        user(unique("first")),
+        assistant("an answer"),
+        {"type": "message", "role": "user", "content": parts},
+    ]
+    response = sdk.responses.create(model="fake:echo=1", input=items)
+    sent = [["system", "Be brief."], ["user", items[1]["content"]]]
+    sent += [["assistant", "an answer"], ["user", "two\nparts"]]
+    assert sent_to_model(response) == sent
+    stored = client.get(f"/messages/{turn_of(response)}").json()
+    assert stored["prompt_content"] == "two\nparts"
+    listed = sdk.responses.input_items.list(response.id, order="asc")
+    assert [(item.role, item.content[0].text) for item in listed] == [
+        ("developer", "Be brief."),
+        ("user", items[1]["content"]),
+        ("assistant", "an answer"),
+        ("user", "two\nparts"),
+    ]
+    assert [item.id for item in listed] == [f"msg_{stored['id']}_{n}" for n in range(4)]
+    assert listed.data[2].content[0].type == "output_text"
+
+
+def test_responses_retrieve_gives_the_response_as_stored_with_its_options(
+    sdk: openai.OpenAI,
+) -> None:
+    options = {"instructions": "Answer in French.", "metadata": {"user": "ada"}}
+    options |= {"temperature": 0.5, "top_p": 0.9, "max_output_tokens": 50}
+    created = sdk.responses.create(
+        model="echo", input=unique("hi"), store=False, **options
+    )
+    retrieved = sdk.responses.retrieve(created.id)
+    for response in (created, retrieved):
+        assert {name: getattr(response, name) for name in options} == options
+        assert (response.store, response.background, response.status) == (
+            True,
+            False,
+            "completed",
+        )
+    assert retrieved.output_text == created.output_text
+
+
+def test_responses_a_turn_stored_by_another_endpoint_reads_as_a_completed_response(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    conversation = new_conversation(client)
+    message = add_message(
+        client, conversation["id"], prompt_content="q?", response_content="a."
+    )
+    response = sdk.responses.retrieve(f"resp_{message['id']}")
+    assert (response.status, response.output_text, response.model) == (
+        "completed",
+        "a.",
+        conversation["model_type"],
+    )
+    items = sdk.responses.input_items.list(response.id)
+    assert [(item.role, item.content[0].text) for item in items] == [("user", "q?")]
+
+
+def test_responses_a_chain_gives_the_model_each_turn_and_only_this_calls_instructions(
+    sdk: openai.OpenAI,
+) -> None:
+    prompt = unique("one")
+    first = sdk.responses.create(model="fake:echo=1", input=prompt, instructions="Old.")
+    second = sdk.responses.create(
+        model="fake:echo=1",
+        input="two",
+        previous_response_id=first.id,
+        instructions="New.",
+    )
+    assert sent_to_model(second) == [
+        ["system", "New."],
+        ["user", prompt],
+        ["assistant", first.output_text],
+        ["user", "two"],
+    ]
+    assert (second.previous_response_id, second.conversation) == (
+        first.id,
+        first.conversation,
+    )
+
+
+def test_responses_a_chain_from_an_older_response_is_a_branch_the_model_sees_alone(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    prompt = unique("root")
+    root = sdk.responses.create(model="fake:echo=1", input=prompt)
+    sdk.responses.create(model="fake:echo=1", input="b", previous_response_id=root.id)
+    branch = sdk.responses.create(
+        model="fake:echo=1", input="c", previous_response_id=root.id
+    )
+    assert sent_to_model(branch) == [
+        ["user", prompt],
+        ["assistant", root.output_text],
+        ["user", "c"],
+    ]
+    conversation_id = root.conversation.id.removeprefix("conv_")
+    tree = client.get(f"/conversations/{conversation_id}/messages?all=true").json()
+    assert [turn["parent_id"] for turn in tree] == [None, turn_of(root), turn_of(root)]
+    leaf = client.get(f"/conversations/{conversation_id}").json()["leaf_id"]
+    assert leaf == turn_of(branch)
+
+
+def test_responses_two_calls_at_once_on_one_response_are_siblings(
+    server: Server, sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    root = sdk.responses.create(model="echo", input=unique("root"))
+
+    async def two_at_once() -> list:
+        base_url = f"{server.url}/v1"
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="x") as client:
+            calls = [
+                client.responses.create(
+                    model="fake:pieces=3:gap_ms=200",
+                    input=f"branch {n}",
+                    previous_response_id=root.id,
+                )
+                for n in range(2)
+            ]
+            return await asyncio.gather(*calls)
+
+    branches = asyncio.run(two_at_once())
+    stored = [client.get(f"/messages/{turn_of(r)}").json() for r in branches]
+    assert [turn["parent_id"] for turn in stored] == [turn_of(root)] * 2
+    assert {r.conversation.id for r in branches} == {root.conversation.id}
+
+
+def test_responses_conversation_and_x_conversation_id_continue_after_the_leaf(
+    sdk: openai.OpenAI,
+) -> None:
+    prompt = unique("start")
+    first = sdk.responses.create(model="echo", input=prompt)
+    named = first.conversation.id
+    second = sdk.responses.create(
+        model="fake:echo=1", input="by body", conversation=named
+    )
+    third = sdk.responses.create(
+        model="echo",
+        input="by header",
+        extra_headers={"X-Conversation-Id": named.removeprefix("conv_")},
+    )
+    assert sent_to_model(second) == [
+        ["user", prompt],
+        ["assistant", prompt],
+        ["user", "by body"],
+    ]
+    assert (second.previous_response_id, third.previous_response_id) == (
+        first.id,
+        second.id,
+    )
+    assert third.conversation.id == named
+
+
+def test_responses_a_stream_sends_openais_events_in_order_numbered_by_offset(
+    sdk: openai.OpenAI, client: httpx.Client
+) -> None:
+    events = list(
+        sdk.responses.create(model="fake:pieces=5", input=unique("hi"), stream=True)
+    )
+    opening = ["created", "in_progress", "output_item.added", "content_part.added"]
+    closing = ["output_text.done", "content_part.done", "output_item.done", "completed"]
+    kinds = [event.type.removeprefix("response.") for event in events]
+    assert kinds[:4] == opening and kinds[-4:] == closing
+    assert set(kinds[4:-4]) == {"output_text.delta"}
+    text = text_of_deltas(events)
+    ends = itertools.accumulate(len(event.delta) for event in events[4:-4])
+    assert [event.sequence_number for event in events] == [
+        0,
+        1,
+        2,
+        3,
+        *(3 + end for end in ends),
+        *range(len(text) + 4, len(text) + 8),
+    ]
+    assert (events[0].response.status, events[0].response.output) == ("in_progress", [])
+    stored = client.get(f"/messages/{turn_of(events[0].response)}").json()
+    assert text == stored["response_content"] == events[-1].response.output_text
+    assert events[-4].text == text == "w0 w1 w2 w3 w4 "
+
+
+def test_responses_the_sdks_stream_helper_gives_the_final_response(
+    sdk: openai.OpenAI,
+) -> None:
+    with sdk.responses.stream(model="fake:pieces=5", input=unique("hi")) as stream:
+        text = text_of_deltas(list(stream))
+        final = stream.get_final_response()
+    assert (final.status, final.output_text, text) == (
+        "completed",
+        text,
+        "w0 w1 w2 w3 w4 ",
+    )
+
+
+def test_responses_background_answers_at_once_in_progress_and_the_reply_runs_on(
+    sdk: openai.OpenAI,
+) -> None:
+    model = "fake:pieces=10:gap_ms=50"
+    started = sdk.responses.create(model=model, input=unique("bg"), background=True)
+    assert (started.status, started.background, started.output) == (
+        "in_progress",
+        True,
+        [],
+    )
+    done = finished(sdk, started.id)
+    assert (done.status, done.output_text) == ("completed", PIECES_30[:30])
+
+
+def test_responses_a_client_that_leaves_mid_stream_does_not_end_the_response(
+    sdk: openai.OpenAI,
+) -> None:
+    stream = sdk.responses.create(
+        model="fake:pieces=30:gap_ms=30", input=unique("leave"), stream=True
+    )
+    read_deltas(stream, 6)
+    response_id = f"resp_{stream.response.headers['x-message-id']}"
+    stream.close()
+    assert finished(sdk, response_id).output_text == PIECES_30
+
+
+@pytest.mark.parametrize("how", ["retrieve", "stream-helper"])
+@pytest.mark.parametrize("when", ["mid-reply", "after-the-end"])
+def test_responses_a_stream_resumed_after_the_last_number_seen_gives_each_character_once(
+    sdk: openai.OpenAI, how: str, when: str
+) -> None:
+    stream = sdk.responses.create(
+        model="fake:pieces=30:gap_ms=30", input=unique("resume"), stream=True
+    )
+    seen, last = read_deltas(stream, 12)
+    response_id = f"resp_{stream.response.headers['x-message-id']}"
+    stream.close()
+    if when == "after-the-end":
+        finished(sdk, response_id)
+    events = resumed(sdk, how, response_id, last)
+    assert seen + text_of_deltas(events) == PIECES_30
+    assert events[-1].type == "response.completed"
+
+
+def test_responses_another_process_on_the_database_resumes_and_numbers_alike(
+    start_app: Callable[..., Server], sdk: openai.OpenAI
+) -> None:
+    stream = sdk.responses.create(
+        model="fake:pieces=30:gap_ms=50", input=unique("elsewhere"), stream=True
+    )
+    seen, last = read_deltas(stream, 9)
+    response_id = f"resp_{stream.response.headers['x-message-id']}"
+    stream.close()
+    with openai_client(start_app()) as elsewhere:
+        events = resumed(elsewhere, "retrieve", response_id, last)  # while it runs
+        assert seen + text_of_deltas(events) == PIECES_30
+        assert numbers(elsewhere, response_id) == numbers(sdk, response_id)
+
+
+def test_responses_after_kill_9_another_process_resumes_to_the_last_checkpoint(
+    start_app: Callable[..., Server],
+) -> None:
+    killed = start_app()
+    with openai_client(killed) as sdk:
+        stream = sdk.responses.create(
+            model="fake:pieces=100:gap_ms=50", input=unique("crash"), stream=True
+        )
+        seen, last = read_deltas(stream, 60)
+        response_id = f"resp_{stream.response.headers['x-message-id']}"
+        time.sleep(1.2)  # a checkpoint (every 500 ms) past what was seen
+        killed.process.kill()
+        killed.process.wait(5)
+    with openai_client(start_app(DEAD_TURN_SECONDS="3")) as sdk:
+        events = resumed(sdk, "retrieve", response_id, last)
+    final = events[-1].response
+    assert (events[-1].type, final.status, final.error.code) == (
+        "response.failed",
+        "failed",
+        "500",
+    )
+    assert seen + text_of_deltas(events) == final.output_text
+
+
+def test_responses_replays_give_every_event_the_number_it_had_live(
+    sdk: openai.OpenAI,
+) -> None:
+    live = sdk.responses.create(
+        model="fake:pieces=20:gap_ms=5", input=unique("again"), stream=True
+    )
+    seen = {(event.type, event.sequence_number) for event in live}
+    response_id = f"resp_{live.response.headers['x-message-id']}"
+    replay = numbers(sdk, response_id)
+    assert replay == numbers(sdk, response_id)
+    assert seen <= set(replay)
+    assert [kind for kind, _ in replay].count(DELTA) == 20  # one a piece, as it came
+
+
+def test_responses_cancel_mid_reply_keeps_the_text_and_ends_every_follower(
+    sdk: openai.OpenAI,
+) -> None:
+    stream = sdk.responses.create(
+        model="fake:pieces=100:gap_ms=50", input=unique("stop"), stream=True
+    )
+    read_deltas(stream, 6)
+    response_id = f"resp_{stream.response.headers['x-message-id']}"
+    follower = sdk.responses.retrieve(response_id, stream=True)
+    cancelled = sdk.responses.cancel(response_id)
+    assert cancelled.status == "cancelled" and cancelled.output_text.startswith(
+        "w0 w1 "
+    )
+    for events in (list(stream), list(follower)):
+        assert events[-1].type == "response.failed"
+        assert events[-1].response.status == "cancelled"
+        assert events[-1].response.output_text == cancelled.output_text
+    again = sdk.responses.cancel(response_id)  # ended: as stored
+    assert (again.status, again.output_text) == ("cancelled", cancelled.output_text)
+
+
+def test_responses_delete_then_404_and_the_turn_after_it_follows_its_parent(
+    sdk: openai.OpenAI,
+) -> None:
+    first = sdk.responses.create(model="echo", input=unique("a"))
+    second = sdk.responses.create(
+        model="echo", input="b", previous_response_id=first.id
+    )
+    third = sdk.responses.create(
+        model="echo", input="c", previous_response_id=second.id
+    )
+    assert sdk.responses.delete(second.id) is None
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(second.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.delete(second.id)
+    assert sdk.responses.retrieve(third.id).previous_response_id == first.id
+
+
+def test_responses_input_items_page_by_order_after_and_limit(
+    sdk: openai.OpenAI,
+) -> None:
+    items = [(user if n % 2 == 0 else assistant)(f"m{n}") for n in range(25)]
+    response = sdk.responses.create(model="echo", input=items)
+    ids = [f"msg_{turn_of(response)}_{n}" for n in range(25)]
+    page = sdk.responses.input_items.list(response.id, limit=10)
+    assert [item.id for item in page.data] == ids[::-1][:10]
+    assert (page.first_id, page.last_id, page.has_more) == (ids[24], ids[15], True)
+    rest = sdk.responses.input_items.list(
+        response.id, order="asc", after=ids[19], limit=10
+    )
+    assert ([item.id for item in rest.data], rest.has_more) == (ids[20:], False)
+    every = sdk.responses.input_items.list(response.id, limit=7)  # pages on by itself
+    assert [item.id for item in every] == ids[::-1]
+    with pytest.raises(openai.BadRequestError):
+        sdk.responses.input_items.list(response.id, limit=101)
+
+
+@pytest.mark.parametrize(
+    "response_id", ["resp_999999999", "resp_x", "msg_1", "resp_99999999999"]
+)
+def test_responses_an_unknown_or_malformed_id_is_404(
+    sdk: openai.OpenAI, response_id: str
+) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        sdk.responses.retrieve(response_id)
+    assert raised.value.response.json()["error"]["type"] == "invalid_request_error"
+
+
+UNHONOURABLE = {
+    "an unknown previous response": {"previous_response_id": "resp_999999999"},
+    "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
+    "a last item that is not the user's": {"input": [assistant("hi")]},
+    "a function call output": {
+        "input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]
+    },
+    "an image": {
+        "input": [
+            {"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}
+        ]
+    },
+    "both a previous response and a conversation": {
+        "previous_response_id": "resp_1",
+        "conversation": "conv_1",
+    },
+}
+
+
+@pytest.mark.parametrize("fields", UNHONOURABLE.values(), ids=UNHONOURABLE.keys())
+def test_responses_a_request_it_cannot_honour_is_4xx_and_stores_nothing(
+    sdk: openai.OpenAI, client: httpx.Client, fields: dict
+) -> None:
+    model = tagged("fake")
+    with pytest.raises(openai.APIStatusError) as raised:
+        sdk.responses.create(**{"model": model, "input": "hi", **fields})
+    unknown = "previous_response_id" in fields and "conversation" not in fields
+    assert raised.value.status_code == (404 if unknown else 400)
+    assert raised.value.response.json()["error"]["message"]
+    assert client.get("/conversations", params={"model_type": model}).json() == []
+
+
+def test_responses_a_previous_response_still_in_progress_is_400(
+    sdk: openai.OpenAI,
+) -> None:
+    running = sdk.responses.create(
+        model="fake:pieces=50:gap_ms=50", input=unique("busy"), background=True
+    )
+    try:
+        with pytest.raises(openai.BadRequestError) as raised:
+            sdk.responses.create(
+                model="echo", input="next", previous_response_id=running.id
+            )
+        assert "in progress" in raised.value.message
+    finally:
+        sdk.responses.cancel(running.id)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_responses_an_upstream_error_before_any_text_is_its_status_and_stored_once(
+    sdk: openai.OpenAI, client: httpx.Client, stream: bool
+) -> None:
+    assert sdk.max_retries == 2
+    model = tagged("fake:fail=503")
+    with pytest.raises(openai.InternalServerError) as raised:
+        sdk.responses.create(model=model, input=unique("hi"), stream=stream)
+    response = raised.value.response
+    assert (response.status_code, response.headers["x-should-retry"]) == (503, "false")
+    stored = client.get("/conversations", params={"model_type": model}).json()
+    assert len(stored) == 1 and len(turns(client, stored[0]["id"])) == 1
+    failed = sdk.responses.retrieve(f"resp_{response.headers['x-message-id']}")
+    assert (failed.status, failed.error.code) == ("failed", "503")
+
+
+def test_responses_a_failure_mid_stream_ends_with_response_failed_and_nothing_raised(
+    sdk: openai.OpenAI,
+) -> None:
+    model = "fake:pieces=5:abort=2"
+    events = list(sdk.responses.create(model=model, input=unique("hi"), stream=True))
+    final = events[-1].response
+    assert (events[-1].type, final.status, final.error.code) == (
+        "response.failed",
+        "failed",
+        "502",
+    )
+    assert text_of_deltas(events) == final.output_text == "w0 w1 "
+    whole = sdk.responses.create(model=model, input=unique("hi"))
+    assert (whole.status, whole.output_text) == ("failed", "w0 w1 ")
+
+
+def test_responses_a_reply_cut_at_max_output_tokens_is_incomplete_then_and_later(
+    sdk: openai.OpenAI,
+) -> None:
+    model, prompt = "fake:pieces=10:cap=1", unique("long")
+    response = sdk.responses.create(model=model, input=prompt, max_output_tokens=3)
+    retrieved = sdk.responses.retrieve(response.id)
+    for cut in (response, retrieved):
+        assert (cut.status, cut.incomplete_details.reason) == (
+            "incomplete",
+            "max_output_tokens",
+        )
+        assert cut.output_text == "w0 w1 w2 "
+    events = list(sdk.responses.retrieve(response.id, stream=True))
+    assert events[-1].type == "response.incomplete"
+
+
+def test_responses_beyond_max_live_replies_is_a_retryable_429(
+    start_app: Callable[..., Server],
+) -> None:
+    app = start_app(MAX_LIVE_REPLIES="1")
+    with openai_client(app) as sdk:
+        running = sdk.responses.create(
+            model="fake:pieces=50:gap_ms=100", input="busy", background=True
+        )
+        try:
+            with pytest.raises(openai.RateLimitError) as raised:
+                sdk.with_options(max_retries=0).responses.create(
+                    model="echo", input="x"
+                )
+        finally:
+            sdk.responses.cancel(running.id)
+    assert raised.value.response.headers["retry-after"]
+
+
+def test_the_responses_migration_keeps_every_turn_and_reads_it_as_a_response(
+    empty_database: Database, start_app: Callable[..., Server]
+) -> None:
+    ini, url = PROJECT / "alembic.ini", empty_database.url
+    assert alembic(ini, url, "upgrade", "3b35a6bab885").returncode == 0  # branches
+    now = "'2026-11-25 12:00:00.000000'"
+    run_sql(
+        empty_database,
+        "INSERT INTO conversations (id, title, model_type, leaf_id, created_at,"
+        f" updated_at) VALUES (1, 'A chat', 'echo', 1, {now}, {now})",
+    )
+    run_sql(
+        empty_database,
+        "INSERT INTO messages (id, conversation_id, prompt_content, response_content,"
+        " is_success, status_code, on_branch, created_at, updated_at)"
+        f" VALUES (1, 1, 'q', 'a', true, 200, true, {now}, {now})",
+    )
+    upgraded = alembic(ini, url, "upgrade", "head")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert alembic(ini, url, "check").returncode == 0
+    query = "SELECT id, prompt_content, response_content, status_code FROM messages"
+    assert [tuple(row) for row in rows(empty_database, query)] == [(1, "q", "a", 200)]
+    with openai_client(start_app(DATABASE_URL=url)) as sdk:
+        response = sdk.responses.retrieve("resp_1")
+        assert (response.status, response.output_text) == ("completed", "a")
+        replay = list(sdk.responses.retrieve("resp_1", stream=True))
+        assert text_of_deltas(replay) == "a"
