@@ -1095,6 +1095,10 @@ API_OPERATIONS = {
     ("POST", "/v1/responses/resp_1/cancel"),
     ("DELETE", "/v1/responses/resp_1"),
     ("GET", "/v1/responses/resp_1/input_items"),
+    ("GET", "/search"),
+    ("GET", "/conversations/1/export"),
+    ("GET", "/export"),
+    ("POST", "/import"),
 }
 
 
