@@ -110,7 +110,9 @@ class Settings(BaseSettings):
     default_model: str = "echo"
     system_prompt: str = ""
     history_turns: int = Field(default=10, ge=0)
-    max_prompt_chars: int = Field(default=32_000, ge=1)
+    max_prompt_chars: int = Field(
+        default=32_000, ge=1, le=MAX_TEXT_CHARS
+    )  # a message's
     openai_timeout: float = Field(default=60, gt=0)
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
@@ -120,15 +122,6 @@ class Settings(BaseSettings):
     checkpoint_ms: int = Field(default=500, ge=10)
     dead_turn_seconds: float = Field(default=30, ge=3)
     max_live_replies: int = Field(default=100, ge=1)
-
-    @field_validator("max_prompt_chars")
-    @classmethod
-    def prompt_fits_a_message(cls, value: int) -> int:
-        if value > MAX_TEXT_CHARS:
-            raise ValueError(
-                f"MAX_PROMPT_CHARS must be at most {MAX_TEXT_CHARS:,}: a message holds no more"
-            )
-        return value
 
     @field_validator("api_key")
     @classmethod
@@ -168,13 +161,10 @@ DATABASE_TIMEOUT = 5  # seconds
 class BoundedConnection(psycopg.AsyncConnection):
     """A psycopg connection that gives up when an answer takes over `answer_timeout` seconds.
 
-    `connect_timeout` bounds only connecting: on an open connection a query waits for the
-    socket as long as the OS keeps it, minutes. psycopg does every such wait (queries, commits,
-    SQLAlchemy's pre-ping) in `wait()`, which takes a timeout. asyncio.timeout() around it would
-    not do: cancelled, psycopg first asks the server to cancel the query, which cannot answer.
-    On timeout the connection is closed (it is mid-exchange, of no further use): SQLAlchemy
-    sees a disconnect, drops it with the rest of the pool, and connects anew when asked.
-    Not for LISTEN, whose waits are rightly long.
+    `connect_timeout` bounds only connecting: a query on an open connection waits on the socket
+    for minutes. psycopg does every such wait in `wait()`, which takes a timeout (asyncio.timeout
+    would not do: cancelled, psycopg first asks the silent server to cancel). On timeout the
+    connection is closed: SQLAlchemy sees a disconnect and connects anew when asked.
     """
 
     answer_timeout: float | None = DATABASE_TIMEOUT  # None: wait as long as it takes
@@ -516,7 +506,8 @@ async def invalid_request(
     if under_v1(request.url.path):
         where = [".".join(map(str, e["loc"][1:])) for e in errors]  # after "body"
         message = "; ".join(
-            f"{at}: {e['msg']}" if at else e["msg"] for at, e in zip(where, errors)
+            f"{at}: {e['msg']}" if at else e["msg"]
+            for at, e in zip(where, errors, strict=True)
         )
         return JSONResponse(openai_error(400, message, where[0] or None), 400)
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
@@ -1717,7 +1708,9 @@ def usage(message: Message) -> dict | None:
     counts = (message.prompt_tokens, message.response_tokens, message.total_tokens)
     if None in counts:
         return None
-    return dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts))
+    return dict(
+        zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts, strict=True)
+    )
 
 
 def completion(reply: LiveReply, call: ChatRequest) -> dict:
@@ -1842,44 +1835,36 @@ async def chat_page() -> HTMLResponse:
     return HTMLResponse(page_body, headers=page_headers)
 
 
-def origin_key(origin: str) -> tuple[str, str, int | None] | None:
-    """scheme, host and port of an origin (default ports made explicit); None if malformed."""
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normal_origin(origin: str) -> str | None:
+    """An origin as a browser writes it (lowercase, no default port); None if it is none."""
     try:
         parts = urlsplit(origin.strip().lower())
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        port = parts.port
     except ValueError:
         return None
-    if not parts.scheme or not parts.hostname or parts.path.strip("/"):
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path.strip("/"):
         return None
-    return parts.scheme, parts.hostname, port
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    port = "" if port in (None, DEFAULT_PORTS[parts.scheme]) else f":{port}"
+    return f"{parts.scheme}://{host}{port}"
 
 
-def parse_cors_origins(value: str) -> dict[tuple[str, str, int | None], str]:
-    """Each origin in CORS_ORIGINS, as a key and as a browser writes it; refuses the malformed."""
-    origins = {}
-    for origin in filter(None, (o.strip() for o in value.split(","))):
-        key = origin_key(origin)
-        if key is None or key[0] not in ("http", "https"):
-            raise ValueError(
-                f"CORS_ORIGINS: {origin!r} is not an origin like http://localhost:5173"
-            )
-        scheme, host, port = key
-        host = f"[{host}]" if ":" in host else host
-        default = port == {"http": 80, "https": 443}[scheme]
-        origins[key] = f"{scheme}://{host}" + ("" if default else f":{port}")
-    return origins
+def parse_cors_origins(value: str) -> set[str]:
+    origins = {origin.strip() for origin in value.split(",")} - {""}
+    for origin in origins:
+        if normal_origin(origin) is None:
+            example = "an origin like http://localhost:5173"
+            raise ValueError(f"CORS_ORIGINS: {origin!r} is not {example}")
+    return {normal_origin(origin) for origin in origins}
 
 
 allowed_origins = parse_cors_origins(settings.cors_origins)
 
 # Open to links and requests from anywhere: they read nothing private and change nothing.
-OPEN_PATHS = {
-    "/",
-    "/health",
-    "/docs",
-    "/docs/oauth2-redirect",
-    "/openapi.json",
-}
+OPEN_PATHS = {"/", "/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 OPEN_PREFIXES = ("/static-offline-docs/",)  # Swagger UI's files (fastapi-offline)
 
 
@@ -1890,18 +1875,9 @@ def from_another_site(scope: dict) -> bool:
     origin = headers.get("origin")
     if origin is None:
         return headers.get("sec-fetch-site") in ("cross-site", "same-site")
-    ours = origin_key(f"{scope.get('scheme', 'http')}://{headers.get('host', '')}")
-    key = origin_key(origin)
-    return key is None or (key != ours and key not in allowed_origins)
-
-
-def refusal(path: str) -> JSONResponse:
-    """403 in the error shape of the path: OpenAI's under /v1, {"detail": ...} elsewhere."""
-    message = (
-        "Refused: a browser request from another site. "
-        "Add its origin to CORS_ORIGINS to allow it."
-    )
-    return error_for(path, 403, message)
+    ours = normal_origin(f"{scope.get('scheme', 'http')}://{headers.get('host', '')}")
+    theirs = normal_origin(origin)
+    return theirs is None or (theirs != ours and theirs not in allowed_origins)
 
 
 allowed_hosts = {h.strip().lower() for h in settings.allowed_hosts.split(",")} - {""}
@@ -1938,7 +1914,8 @@ class RefuseOtherSites:
             and not path.startswith(OPEN_PREFIXES)
             and from_another_site(scope)
         ):
-            await refusal(path)(scope, receive, send)
+            message = "Refused: a browser request from another site. Add its origin to CORS_ORIGINS to allow it."
+            await error_for(path, 403, message)(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -1947,7 +1924,7 @@ app.add_middleware(RefuseOtherSites)
 # Outside the guard, so that preflights get CORS's answer (none for other origins: 400).
 app.add_middleware(
     CORSMiddleware,
-    allow_origins=list(allowed_origins.values()),
+    allow_origins=list(allowed_origins),
     allow_methods=["*"],
     allow_headers=["*"],
     expose_headers=["X-Conversation-Id", "X-Message-Id"],

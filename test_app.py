@@ -5,6 +5,10 @@ Every test talks HTTP to the app running in a real uvicorn, on SQLite and on Pos
 other than `echo` are served by `fake_llm` below, a small OpenAI-compatible server the tests
 run themselves; its model name scripts the reply, e.g. `fake:pieces=5:gap_ms=100`.
 The chat page's tests, at the end, drive headless Chromium, on SQLite only.
+
+`pytest -n 4` runs four at a time: every test makes its own conversations, so tests share an
+app (one per module and settings) but never their data; an app a test starts itself is stopped
+after it.
 """
 
 import asyncio
@@ -13,6 +17,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -21,6 +26,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -39,6 +45,7 @@ import psycopg
 import pytest
 import uvicorn
 from alembic.config import Config as AlembicConfig
+from alembic.config import main as alembic_cli
 from alembic.script import ScriptDirectory
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -186,15 +193,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def llm_url() -> Iterator[str]:
-    port = free_port()
     config = uvicorn.Config(
-        fake_llm, port=port, log_level="critical", timeout_graceful_shutdown=1
+        fake_llm,
+        port=0,  # any free one
+        log_level="critical",
+        timeout_graceful_shutdown=1,
+        # Longer than the app's client keeps an idle connection (5 s): with uvicorn's 5 s the
+        # two timers raced, and a reply now and then met a connection closed under it (502).
+        timeout_keep_alive=60,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}/v1"
     server.should_exit = True
     thread.join(5)
@@ -263,33 +276,131 @@ def empty_database(database: Database, tmp_path: Path) -> Iterator[Database]:
         yield empty
 
 
+# Every app (and `alembic` command) the tests start is a process of its own, as
+# `python -m uvicorn app:app ...` starts it, but forked from a process that has imported the
+# libraries once (multiprocessing's fork server): a start then costs about 0.3 s of CPU, the
+# import of app.py and its migrations, instead of 1.3 s. Nothing of the app is imported before
+# the fork: app.py reads its settings in the new process. Variables that Python itself reads
+# as it starts (PYTHONPATH, ...) need a new interpreter: with those, a plain subprocess.
+LIBRARIES = [
+    "uvicorn",
+    "fastapi",
+    "fastapi_offline",
+    "sqlmodel",
+    "aiosqlite",
+    "psycopg",
+]
+LIBRARIES += [
+    "sqlalchemy.ext.asyncio",
+    "openai",
+    "alembic.command",
+    "pydantic_settings",
+]
+fork_server = multiprocessing.get_context("forkserver")
+fork_server.set_forkserver_preload([*LIBRARIES, __name__])  # __name__: for run_command
+
+
+def run_command(
+    command: str,
+    args: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    out: Path,
+    err: Path,
+) -> None:
+    """In the new process: run `uvicorn` or `alembic` with these arguments, as its CLI does."""
+    os.chdir(workdir)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    sys.stdin = open(0)  # uvicorn --workers hands fd 0 on to its workers
+    sys.argv = [command, *args]
+    {"uvicorn": uvicorn.main, "alembic": alembic_cli}[command](args)
+
+
+class Forked:
+    """A process from the fork server, with the part of subprocess.Popen's API tests use."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self.process, self.pid = process, process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+Process = subprocess.Popen | Forked
+
+
+def start_command(
+    command: str,
+    args: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    out: Path,
+    err: Path,
+) -> Process:
+    for path in {out, err}:
+        path.write_text("")
+    if any(k.startswith("PYTHON") and env[k] != os.environ.get(k) for k in env):
+        with out.open("a") as stdout, err.open("a") as stderr:
+            argv = [sys.executable, "-m", command, *args]
+            return subprocess.Popen(
+                argv, cwd=workdir, env=env, stdout=stdout, stderr=stderr
+            )
+    process = fork_server.Process(
+        target=run_command, args=(command, args, env, workdir, out, err), daemon=False
+    )
+    process.start()
+    return Forked(process)
+
+
 @dataclass
 class Server:
     url: str
-    process: subprocess.Popen
+    process: Process
     log: Path
 
     def output(self) -> str:
         return self.log.read_text()
 
 
-def launch(
-    args: list[str], env: dict[str, str], workdir: Path
-) -> tuple[subprocess.Popen, Path]:
+def launch(args: list[str], env: dict[str, str], workdir: Path) -> tuple[Process, Path]:
     log = workdir / f"server-{uuid.uuid4().hex[:6]}.log"
     clean = {key: value for key, value in os.environ.items() if key not in SETTINGS}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(PROJECT), *args],
-        cwd=workdir,  # not the project: a developer's .env there must not leak into the tests
-        env={**clean, **env},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
+    process = start_command(
+        "uvicorn",
+        ["app:app", "--app-dir", str(PROJECT), *args],
+        {**clean, **env},
+        workdir,  # not the project: a developer's .env there must not leak into the tests
+        log,
+        log,
     )
     return process, log
 
 
-def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 30
+def wait_healthy(url: str, process: Process, log: Path) -> None:
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()}")
@@ -299,17 +410,47 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    pytest.fail(f"the app did not answer /health in 30 s:\n{log.read_text()}")
+    pytest.fail(f"the app did not answer /health in 60 s:\n{log.read_text()}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
+def listening_url(process: Process, log: Path) -> str:
+    """The address uvicorn says it listens on (it picks the port when told port 0)."""
+
+    def said() -> str | bool | None:
+        found = re.search(r"Uvicorn running on (http://\S+)", log.read_text())
+        return found[1] if found else process.poll() is not None
+
+    url = wait_for(said, 60)
+    if url is True:
+        pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()}")
+    return url
+
+
+def stop(*processes: Process) -> None:
+    """SIGTERM them all, then wait for each (kill it after 10 s)."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
         process.terminate()
+    for process in running:
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+RUNNING: set[Process] = set()  # the apps app_starter started, not yet stopped
+
+
+@pytest.fixture(autouse=True)
+def apps_end_with_the_test_that_started_them() -> Iterator[None]:
+    """An app a test starts itself is stopped after it (a module fixture's, with the module):
+    fewer processes and database connections at once, and no test meets another's app."""
+    before = set(RUNNING)
+    yield
+    started = RUNNING - before
+    stop(*started)
+    RUNNING.difference_update(started)
 
 
 @contextmanager
@@ -319,17 +460,19 @@ def app_starter(workdir: Path, llm_url: str) -> Iterator[Callable[..., Server]]:
     started = []
 
     def start(**settings: str) -> Server:
-        port = free_port()
         env = {"OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "sk-test", **settings}
-        process, log = launch(["--port", str(port)], env, workdir)
+        # Port 0: the OS picks a free one as uvicorn binds it, so parallel test processes
+        # (pytest -n) never race for a port.
+        process, log = launch(["--port", "0"], env, workdir)
         started.append(process)
-        url = f"http://127.0.0.1:{port}"
+        RUNNING.add(process)
+        url = listening_url(process, log)
         wait_healthy(url, process, log)
         return Server(url, process, log)
 
     yield start
-    for process in started:
-        stop(process)
+    stop(*started)
+    RUNNING.difference_update(started)
 
 
 @pytest.fixture(scope="module")
@@ -368,14 +511,22 @@ def iter_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
 def generate(
     client: httpx.Client, **params: object
 ) -> tuple[httpx.Response, list[tuple[str, dict]]]:
+    """GET the stream to its end: the response and its events (none when it is refused; the
+    refusal's body is read, for response.json())."""
     with client.stream("GET", "/text/generate/stream", params=params) as response:
-        return response, list(
-            iter_events(response)
-        ) if response.status_code == 200 else response.read()
+        if response.status_code != 200:
+            response.read()
+            return response, []
+        return response, list(iter_events(response))
 
 
 def reply_text(events: list[tuple[str, dict]]) -> str:
     return "".join(data["content"] for name, data in events if name == "message")
+
+
+def words(count: int) -> str:
+    """The fake model's reply of `count` pieces."""
+    return "".join(f"w{i} " for i in range(count))
 
 
 def wait_for(check: Callable[[], object], seconds: float = 10) -> object:
@@ -426,15 +577,6 @@ def test_creating_a_conversation_trims_the_title_and_uses_the_default_model(
         "updated_at",
     }
     assert conversation["leaf_id"] is None
-
-
-def test_timestamps_carry_an_explicit_utc_offset(client: httpx.Client) -> None:
-    conversation = new_conversation(client)
-    for stamp in (
-        conversation["created_at"],
-        client.get(f"/conversations/{conversation['id']}").json()["updated_at"],
-    ):
-        assert stamp.endswith(("Z", "+00:00"))
 
 
 def test_reading_a_conversation_returns_it(client: httpx.Client) -> None:
@@ -847,21 +989,24 @@ def test_long_texts_round_trip_byte_for_byte(client: httpx.Client) -> None:
 # The service -----------------------------------------------------------------------------
 
 
-def test_health_says_ok(client: httpx.Client) -> None:
-    response = client.get("/health")
-    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+def test_health_says_ok_and_head_answers_like_get_without_a_body(
+    client: httpx.Client,
+) -> None:
+    # Every fixture waits for its 200; what it says, and HEAD, only here. Its 503 while the
+    # database is down is in the tests of database faults.
+    assert client.get("/health").json() == {"status": "ok"}
+    response = client.head("/health")
+    assert (response.status_code, response.content) == (200, b"")
 
 
 def test_the_app_starts_with_no_configuration_on_a_sqlite_file_in_the_working_directory(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    process, log = launch(["--port", str(port)], {}, tmp_path)
+    process, log = launch(["--port", "0"], {}, tmp_path)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, log)
-        conversation = httpx.post(
-            f"http://127.0.0.1:{port}/conversations", json={"title": "hi"}
-        ).json()
+        url = listening_url(process, log)
+        wait_healthy(url, process, log)
+        conversation = httpx.post(f"{url}/conversations", json={"title": "hi"}).json()
         assert conversation["model_type"] == "echo"
         assert (tmp_path / "chat.db").exists()
     finally:
@@ -871,10 +1016,6 @@ def test_the_app_starts_with_no_configuration_on_a_sqlite_file_in_the_working_di
 def test_migrations_upgrade_check_and_downgrade_from_the_command_line(
     database: Database, tmp_path: Path
 ) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in SETTINGS},
-        "DATABASE_URL": database.url,
-    }
     for args in (
         ["upgrade", "head"],
         ["check"],
@@ -882,21 +1023,7 @@ def test_migrations_upgrade_check_and_downgrade_from_the_command_line(
         ["upgrade", "head"],
         ["check"],
     ):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "alembic",
-                "-c",
-                str(PROJECT / "alembic.ini"),
-                *args,
-            ],
-            check=False,
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        result = alembic(PROJECT / "alembic.ini", database.url, *args, workdir=tmp_path)
         assert result.returncode == 0, result.stderr
 
 
@@ -908,6 +1035,22 @@ def guarded(start_app: Callable[..., Server]) -> Server:
     return start_app(API_KEY=API_KEY)
 
 
+@pytest.fixture(scope="module")
+def capped(start_app: Callable[..., Server]) -> Server:
+    """The app with every limit and addition to a turn set (one app for their tests)."""
+    return start_app(
+        MAX_TOKENS="20",
+        MAX_PROMPT_CHARS="100",
+        HISTORY_TURNS="2",
+        SYSTEM_PROMPT="Be brief.",  # not for /v1 calls, which bring their own messages
+    )
+
+
+@pytest.fixture(scope="module")
+def one_live_reply(start_app: Callable[..., Server]) -> Server:
+    return start_app(MAX_LIVE_REPLIES="1")
+
+
 def every_operation(openapi: dict) -> Iterator[tuple[str, str]]:
     for path, operations in openapi["paths"].items():
         for method in operations:
@@ -915,6 +1058,30 @@ def every_operation(openapi: dict) -> Iterator[tuple[str, str]]:
                 method.upper(),
                 path.replace("{conversation_id}", "1").replace("{message_id}", "1"),
             )
+
+
+# Every operation of the API but /health, as every_operation() lists them. A new endpoint goes
+# here too: the tests of the API key and of the browser guard then cover it.
+API_OPERATIONS = {
+    ("GET", "/conversations"),
+    ("POST", "/conversations"),
+    ("GET", "/conversations/1"),
+    ("PUT", "/conversations/1"),
+    ("PATCH", "/conversations/1"),
+    ("DELETE", "/conversations/1"),
+    ("GET", "/conversations/1/messages"),
+    ("POST", "/conversations/1/messages"),
+    ("GET", "/messages/1"),
+    ("PUT", "/messages/1"),
+    ("DELETE", "/messages/1"),
+    ("GET", "/text/generate/stream"),
+    ("POST", "/text/generate/stream"),
+    ("GET", "/messages/1/stream"),
+    ("POST", "/messages/1/stop"),
+    ("POST", "/messages/1/regenerate"),
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/models"),
+}
 
 
 def test_with_an_api_key_every_endpoint_but_health_and_docs_needs_the_bearer_token(
@@ -928,7 +1095,7 @@ def test_with_an_api_key_every_endpoint_but_health_and_docs_needs_the_bearer_tok
         operations = [
             op for op in every_operation(openapi.json()) if op[1] != "/health"
         ]
-        assert len(operations) >= 12
+        assert set(operations) == API_OPERATIONS
         for method, path in operations:
             for headers in (
                 {},
@@ -1015,7 +1182,9 @@ def test_while_the_database_is_down_every_endpoint_answers_503_quickly_then_reco
             503,
             {"detail": "Database unavailable"},
         ), (method, path)
-        assert time.monotonic() - started < 6
+        # The contract's bound (generous for a busy machine); unbounded, a request would
+        # wait for the pool (30 s) or the OS.
+        assert time.monotonic() - started < 10
     postgres_outage(False)
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get(f"/conversations/{conversation['id']}").json() == conversation
@@ -1029,7 +1198,7 @@ def test_three_workers_start_together_on_an_empty_postgres_database(
         admin.execute(f'CREATE DATABASE "{name}"')
         url = make_url(POSTGRES_URL).set(database=name).render_as_string(False)
         process, log = launch(
-            ["--port", str(free_port()), "--workers", "3"],
+            ["--port", "0", "--workers", "3"],
             {"DATABASE_URL": url},
             tmp_path,
         )
@@ -1146,17 +1315,16 @@ def test_bad_stream_requests_are_422_before_any_byte_and_store_nothing(
 
 
 def test_a_prompt_over_max_prompt_chars_is_422_and_stores_nothing(
-    start_app: Callable[..., Server],
+    capped: Server,
 ) -> None:
-    small = start_app(MAX_PROMPT_CHARS="10")
-    with httpx.Client(base_url=small.url, timeout=10) as client:
+    with httpx.Client(base_url=capped.url, timeout=10) as client:
         newest = client.get("/conversations", params={"take": 1}).json()
-        assert generate(client, prompt="x" * 11)[0].status_code == 422
-        response = client.post("/text/generate/stream", json={"prompt": "x" * 11})
+        assert generate(client, prompt="x" * 101)[0].status_code == 422
+        response = client.post("/text/generate/stream", json={"prompt": "x" * 101})
         assert response.status_code == 422
         assert "MAX_PROMPT_CHARS" in response.text
         assert client.get("/conversations", params={"take": 1}).json() == newest
-        assert generate(client, prompt="x" * 10)[0].status_code == 200
+        assert generate(client, prompt="x" * 100)[0].status_code == 200
 
 
 def test_a_stream_into_an_unknown_conversation_is_404(client: httpx.Client) -> None:
@@ -1224,10 +1392,9 @@ def test_a_reply_cut_at_the_token_limit_is_a_success(client: httpx.Client) -> No
 
 
 def test_history_is_the_system_prompt_then_the_last_successful_turns_then_the_prompt(
-    start_app: Callable[..., Server], llm_requests: list[dict]
+    capped: Server, llm_requests: list[dict]
 ) -> None:
-    app = start_app(HISTORY_TURNS="2", SYSTEM_PROMPT="Be brief.", MAX_TOKENS="5")
-    with httpx.Client(base_url=app.url, timeout=10) as client:
+    with httpx.Client(base_url=capped.url, timeout=10) as client:
         conversation = new_conversation(client, model_type="fake:pieces=1")
         for i, success in enumerate([True, True, False, True, None]):
             add_message(
@@ -1246,7 +1413,7 @@ def test_history_is_the_system_prompt_then_the_last_successful_turns_then_the_pr
         {"role": "assistant", "content": "a3"},
         {"role": "user", "content": "and now?"},
     ]
-    assert llm_requests[-1]["max_tokens"] == 5
+    assert llm_requests[-1]["max_tokens"] == 20
 
 
 def test_a_generated_reply_becomes_history_for_the_next_turn(
@@ -1343,9 +1510,8 @@ def test_an_upstream_status_past_599_is_a_broken_reply_502(
     conversation = new_conversation(client, model_type="fake:fail=799")
     _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
     assert error_event(events)["status_code"] == 502
-    assert (
-        client.get(f"/conversations/{conversation['id']}/messages").status_code == 200
-    )
+    stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
+    assert (stored["is_success"], stored["status_code"]) == (False, 502)
 
 
 def test_a_reply_that_breaks_off_is_502_with_the_partial_reply_stored(
@@ -1398,18 +1564,26 @@ def test_an_unreachable_upstream_is_502(start_app: Callable[..., Server]) -> Non
         )
 
 
+@pytest.fixture(scope="module")
+def impatient(start_app: Callable[..., Server]) -> Server:
+    return start_app(OPENAI_TIMEOUT="1")
+
+
 @pytest.mark.parametrize(
-    "model_type", ["fake:hang=1", "fake:pieces=3:gap_ms=3000"], ids=["silent", "stalls"]
+    "model_type",
+    ["fake:hang=1", "fake:pieces=3:gap_ms=30000"],
+    ids=["silent", "stalls"],
 )
 def test_an_upstream_silent_for_openai_timeout_is_504(
-    start_app: Callable[..., Server], model_type: str
+    impatient: Server, model_type: str
 ) -> None:
-    app = start_app(OPENAI_TIMEOUT="1")
-    with httpx.Client(base_url=app.url, timeout=10) as client:
+    with httpx.Client(base_url=impatient.url, timeout=60) as client:
         conversation = new_conversation(client, model_type=model_type)
         started = time.monotonic()
         _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
-        assert time.monotonic() - started < 2.5
+        # OPENAI_TIMEOUT is 1 s; the model would answer in an hour, or send its next piece
+        # in 30 s: a ceiling of 15 s is generous for a busy machine and still tells them apart.
+        assert time.monotonic() - started < 15
         assert error_event(events)["status_code"] == 504
         stored = client.get(f"/messages/{events[0][1]['message_id']}").json()
         assert (
@@ -1441,11 +1615,14 @@ def read_until(events: Iterator[tuple[str, dict]], chars: int) -> str:
 
 
 def test_sigterm_mid_stream_stores_503_tells_every_client_and_exits_quickly(
-    start_app: Callable[..., Server], client: httpx.Client, long_reply: dict
+    start_app: Callable[..., Server], client: httpx.Client
 ) -> None:
     doomed = start_app()
+    # 100 s of reply: a server that waited for it to end would take that long to exit.
+    conversation = new_conversation(client, model_type="fake:pieces=1000:gap_ms=100")
+    params = {"prompt": "long one", "conversation_id": conversation["id"]}
     url = f"{doomed.url}/text/generate/stream"
-    with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
+    with httpx.stream("GET", url, params=params, timeout=10) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
         seen = read_until(events, 6)
@@ -1458,8 +1635,10 @@ def test_sigterm_mid_stream_stores_503_tells_every_client_and_exits_quickly(
             rest, followed_rest = list(events), list(followed)
     assert error_event(rest)["status_code"] == 503
     assert error_event(followed_rest)["status_code"] == 503
-    doomed.process.wait(5)
-    assert time.monotonic() - started < 5
+    doomed.process.wait(30)
+    assert (
+        time.monotonic() - started < 30
+    )  # generous for a busy machine, far from 100 s
     stored = client.get(f"/messages/{message_id}").json()
     assert (stored["is_success"], stored["status_code"], stored["live"]) == (
         False,
@@ -1476,29 +1655,28 @@ def test_forty_streams_run_at_once_on_the_default_pool_and_are_all_stored(
     conversation = new_conversation(client, model_type="fake:pieces=20:gap_ms=300")
     params = {"prompt": "together", "conversation_id": conversation["id"]}
 
-    async def one_stream(http: httpx.AsyncClient, began: float) -> tuple[float, list]:
+    async def one_stream(http: httpx.AsyncClient) -> tuple[float, list, float]:
         async with http.stream(
             "GET", "/text/generate/stream", params=params
         ) as response:
             lines = response.aiter_lines()
             names = [await anext(lines)]  # event: start
-            started = time.monotonic() - began
+            started = time.monotonic()
             names += [line async for line in lines if line.startswith("event:")]
-            return started, names
+            return started, names, time.monotonic()
 
-    async def forty_streams() -> list[tuple[float, list]]:
+    async def forty_streams() -> list[tuple[float, list, float]]:
         limits = httpx.Limits(max_connections=40)
         async with httpx.AsyncClient(
             base_url=server.url, timeout=30, limits=limits
         ) as http:
-            began = time.monotonic()
-            return await asyncio.gather(*(one_stream(http, began) for _ in range(40)))
+            return await asyncio.gather(*(one_stream(http) for _ in range(40)))
 
     results = asyncio.run(forty_streams())
-    assert all(names == ["event: start", "event: done"] for _, names in results)
-    # A reply takes 5.7 s: had a stream waited for a connection that another held for
-    # its whole reply, its start would have come that much later.
-    assert max(started for started, _ in results) < 3
+    assert all(names == ["event: start", "event: done"] for _, names, _ in results)
+    # Had a stream waited for a connection that another held for its whole reply (5.7 s),
+    # its start would have come after that reply's end.
+    assert max(start for start, _, _ in results) < min(end for *_, end in results)
     stored = client.get(f"/conversations/{conversation['id']}/messages").json()
     assert len(stored) == 40
     assert all(
@@ -1507,24 +1685,28 @@ def test_forty_streams_run_at_once_on_the_default_pool_and_are_all_stored(
 
 
 def test_a_reply_survives_the_database_going_away_while_it_ends(
-    postgres_outage: Callable[[bool], None], client: httpx.Client
+    postgres_outage: Callable[[bool], None], server: Server, client: httpx.Client
 ) -> None:
-    conversation = new_conversation(client, model_type="fake:pieces=6:gap_ms=200")
+    conversation = new_conversation(client, model_type="fake:pieces=30:gap_ms=100")
     params = {"prompt": "unlucky", "conversation_id": conversation["id"]}
     with client.stream("GET", "/text/generate/stream", params=params) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
         postgres_outage(True)
-        time.sleep(2)  # the reply ends meanwhile, and cannot be stored yet
-        postgres_outage(False)
-        rest = list(events)
+        # The database is down while the reply runs: its checkpoints fail...
+        wait_for(lambda: f"Checkpoint of {message_id} failed" in server.output())
+        # ...and the model sends the rest, whose end cannot be stored yet.
+        read_until(events, len(words(30)))
+        with ThreadPoolExecutor(1) as reader:
+            rest = reader.submit(list, events)
+            time.sleep(1)
+            assert not rest.done()  # the end waits for the database, not gives up
+            postgres_outage(False)
+            rest = rest.result(15)
     assert rest[-1][0] == "done"
     assert client.get("/health").json() == {"status": "ok"}
     stored = client.get(f"/messages/{message_id}").json()
-    assert (stored["response_content"], stored["is_success"]) == (
-        "w0 w1 w2 w3 w4 w5 ",
-        True,
-    )
+    assert (stored["response_content"], stored["is_success"]) == (words(30), True)
 
 
 def test_a_reply_is_stored_whole_when_the_database_drops_the_apps_connections(
@@ -1618,8 +1800,8 @@ def test_an_upstream_error_reaches_the_client_and_the_log_as_one_short_line(
 def test_a_setting_the_service_cannot_honour_is_refused_at_start(
     tmp_path: Path, setting: str, value: str
 ) -> None:
-    process, log = launch(["--port", str(free_port())], {setting: value}, tmp_path)
-    assert process.wait(30) != 0
+    process, log = launch(["--port", "0"], {setting: value}, tmp_path)
+    assert process.wait(60) != 0
     assert setting.lower() in log.read_text().lower()
 
 
@@ -1676,12 +1858,6 @@ def test_a_stream_request_body_is_strict_but_the_query_string_is_text(
     assert client.get("/conversations", params={"take": 1}).json() == newest
     _, events = generate(client, prompt="hi", conversation_id=str(conversation["id"]))
     assert events[0][1]["conversation_id"] == conversation["id"]
-
-
-def test_head_health_answers_like_get(client: httpx.Client) -> None:
-    response = client.head("/health")
-    assert response.status_code == 200
-    assert response.content == b""
 
 
 BODY_LIMIT = 100_000  # MAX_BODY_BYTES of small_bodies
@@ -2201,10 +2377,9 @@ def test_replacing_a_live_message_is_409(
 
 
 def test_a_turn_beyond_max_live_replies_is_429_and_stores_nothing(
-    start_app: Callable[..., Server],
+    one_live_reply: Server,
 ) -> None:
-    app = start_app(MAX_LIVE_REPLIES="1")
-    with httpx.Client(base_url=app.url, timeout=10) as client:
+    with httpx.Client(base_url=one_live_reply.url, timeout=10) as client:
         conversation = new_conversation(client, model_type="fake:pieces=50:gap_ms=100")
         params = {"prompt": "busy", "conversation_id": conversation["id"]}
         with client.stream("GET", "/text/generate/stream", params=params) as response:
@@ -2335,7 +2510,14 @@ def test_after_kill_9_a_reply_keeps_its_last_checkpoint_and_is_closed_as_500(
     with httpx.stream("GET", url, params=long_reply, timeout=10) as response:
         events = iter_events(response)
         message_id = next(events)[1]["message_id"]
-        seen = read_until(events, 60)
+        read_until(events, 40)
+
+        def checkpointed() -> str | None:
+            text = client.get(f"/messages/{message_id}").json()["response_content"]
+            return text if len(text) >= 40 else None
+
+        # A checkpoint of what the client saw is in the row (a busy machine writes it late).
+        last_seen_in_the_row = wait_for(checkpointed)
         killed.process.kill()
         killed.process.wait(5)
     start_app(DEAD_TURN_SECONDS="3")
@@ -2345,9 +2527,9 @@ def test_after_kill_9_a_reply_keeps_its_last_checkpoint_and_is_closed_as_500(
         500,
         False,
     )
-    # One checkpoint interval (500 ms) is five pieces of about four characters.
-    assert "".join(f"w{i} " for i in range(100)).startswith(stored["response_content"])
-    assert len(stored["response_content"]) >= len(seen) - 5 * 4
+    # It keeps that checkpoint (or a later one) of the reply.
+    assert stored["response_content"].startswith(last_seen_in_the_row)
+    assert words(100).startswith(stored["response_content"])
 
 
 def test_a_stop_ends_a_reply_whose_process_died_with_its_last_checkpoint(
@@ -2397,12 +2579,11 @@ def test_the_live_turns_migration_keeps_what_a_database_already_holds(
     ):
         run_sql(empty_database, f"INSERT INTO messages VALUES ({values})")
     assert alembic(ini, url, "upgrade", "head").returncode == 0
-    process, log = launch(
-        ["--port", str(port := free_port())], {"DATABASE_URL": url}, tmp_path
-    )
+    process, log = launch(["--port", "0"], {"DATABASE_URL": url}, tmp_path)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, log)
-        response = httpx.get(f"http://127.0.0.1:{port}/conversations/1/messages")
+        served = listening_url(process, log)
+        wait_healthy(served, process, log)
+        response = httpx.get(f"{served}/conversations/1/messages")
     finally:
         stop(process)
     assert response.status_code == 200
@@ -2449,7 +2630,7 @@ def test_pooled_connections_the_database_closed_fail_no_request(
 def start_three_workers(database_url: str, workdir: Path) -> str:
     """Start `uvicorn --workers 3` until all three are up (or it exits); return its log."""
     process, log = launch(
-        ["--port", str(free_port()), "--workers", "3"],
+        ["--port", "0", "--workers", "3"],
         {"DATABASE_URL": database_url},
         workdir,
     )
@@ -2459,7 +2640,7 @@ def start_three_workers(database_url: str, workdir: Path) -> str:
                 log.read_text().count("Application startup complete") == 3
                 or process.poll() is not None
             ),
-            20,
+            120,  # generous: interpreters start at once on a busy machine
         )
     finally:
         stop(process)
@@ -2467,44 +2648,60 @@ def start_three_workers(database_url: str, workdir: Path) -> str:
 
 
 def test_three_workers_start_together_on_an_empty_sqlite_file(tmp_path: Path) -> None:
-    for attempt in range(3):  # it used to fail about one start in three
-        workdir = tmp_path / f"start-{attempt}"
+    def attempt(number: int) -> str:
+        workdir = tmp_path / f"start-{number}"
         workdir.mkdir()
-        output = start_three_workers(f"sqlite:///{workdir / 'chat.db'}", workdir)
-        assert output.count("Application startup complete") == 3, output
-        assert "Traceback" not in output, output
+        return start_three_workers(f"sqlite:///{workdir / 'chat.db'}", workdir)
+
+    # It used to fail about one start in three: three starts, each on its own file, at once.
+    with ThreadPoolExecutor(3) as starts:
+        for output in starts.map(attempt, range(3)):
+            assert output.count("Application startup complete") == 3, output
+            assert "Traceback" not in output, output
+
+
+def workers_with_open(supervisor: Process, path: Path) -> int:
+    """How many of uvicorn's worker processes have the file open."""
+    pid = supervisor.pid
+    workers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    opened = 0
+    for worker in workers:
+        with contextlib.suppress(OSError):  # a process that just ended
+            files = {os.readlink(fd) for fd in Path(f"/proc/{worker}/fd").iterdir()}
+            opened += str(path) in files
+    return opened
 
 
 def test_workers_that_reach_the_migration_of_a_sqlite_file_at_once_all_come_up(
     tmp_path: Path,
 ) -> None:
-    # The test holds the file's write lock until all three workers are starting, so that
-    # they meet at the migration every time rather than one start in a few.
+    # The test holds the file's write lock until all three workers have opened the file, which
+    # each does just before its migration takes that lock: they meet there every time rather
+    # than one start in a few. (Which process has a file open: Linux's /proc.)
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to see which processes have the file open")
     path = tmp_path / "chat.db"
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("PRAGMA journal_mode = WAL")
     holder.execute("BEGIN IMMEDIATE")
     process, log = launch(
-        ["--port", str(free_port()), "--workers", "3"],
+        ["--port", "0", "--workers", "3"],
         {"DATABASE_URL": f"sqlite:///{path}"},
         tmp_path,
     )
     try:
         wait_for(
-            lambda: (
-                log.read_text().count("Waiting for application startup") == 3
-                or process.poll() is not None
-            ),
-            20,
+            lambda: workers_with_open(process, path) == 3 or process.poll() is not None,
+            60,
         )
-        time.sleep(0.5)
+        assert "Application startup complete" not in log.read_text()  # all at the lock
         holder.execute("COMMIT")
         wait_for(
             lambda: (
                 log.read_text().count("Application startup complete") == 3
                 or process.poll() is not None
             ),
-            20,
+            60,
         )
     finally:
         stop(process)
@@ -2513,16 +2710,20 @@ def test_workers_that_reach_the_migration_of_a_sqlite_file_at_once_all_come_up(
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
-def alembic(ini: Path, database_url: str, *args: str) -> subprocess.CompletedProcess:
+def alembic(
+    ini: Path, database_url: str, *args: str, workdir: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`alembic -c ini ...args` on that database, in the ini's folder unless told another."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    return subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", str(ini), *args],
-        check=False,
-        cwd=ini.parent,
-        env={**env, "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-    )
+    env["DATABASE_URL"] = database_url
+    argv = ["-c", str(ini), *args]
+    with tempfile.TemporaryDirectory() as output:
+        out, err = Path(output, "out"), Path(output, "err")
+        command = start_command("alembic", argv, env, workdir or ini.parent, out, err)
+        returncode = command.wait(300)
+        return subprocess.CompletedProcess(
+            argv, returncode, out.read_text(), err.read_text()
+        )
 
 
 @pytest.fixture
@@ -2757,7 +2958,9 @@ FRIEND = (
 STRANGER = "http://evil.example"  # any other site
 
 
-@pytest.fixture(scope="module")
+# One value, for its id: the browser's tests are named test_...[page], so `-k page` picks them
+# and `-k "not page"` leaves them out.
+@pytest.fixture(scope="module", params=["page"])
 def chromium() -> Iterator[Browser]:
     if CHROMIUM is None:
         if os.environ.get("CI"):
@@ -2871,11 +3074,6 @@ def conversation_id_in_url(page: Page) -> int:
     return int(page.url.rsplit("/", 1)[1])
 
 
-def words(count: int) -> str:
-    """The fake model's reply of `count` pieces."""
-    return "".join(f"w{i} " for i in range(count))
-
-
 def test_the_page_is_html_at_the_root_with_a_policy_that_runs_only_its_own_script(
     service: httpx.Client,
 ) -> None:
@@ -2887,21 +3085,26 @@ def test_the_page_is_html_at_the_root_with_a_policy_that_runs_only_its_own_scrip
     assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
 
 
+# Every text the last reply shows, as the page changes it: seen on each change, not polled.
+RECORD_THE_REPLYS_RENDERS = """() => {
+    window.renders = [];
+    new MutationObserver(() => {
+        const text = [...document.querySelectorAll(".turn .reply .text")].at(-1)?.textContent;
+        if (text !== undefined && window.renders.at(-1) !== text) window.renders.push(text);
+    }).observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
 def test_a_reply_streams_into_the_page_as_it_arrives(
     open_page: Callable[..., Page], service: httpx.Client
 ) -> None:
     page = open_page()
     start_new_chat(page, "fake:pieces=20:gap_ms=100")
+    page.evaluate(RECORD_THE_REPLYS_RENDERS)
     send_message(page, "Tell me a story")
-    reply = last_reply(page)
-    renders = []
-    deadline = time.monotonic() + 15
-    while (text := reply.text_content()) != words(20):
-        assert time.monotonic() < deadline, f"the reply stopped at {text!r}"
-        if not renders or renders[-1] != text:
-            renders.append(text)
-    partial = [text for text in renders if text]
-    assert len(partial) >= 5, renders  # seen piece by piece, not all at once at the end
+    expect(last_reply(page)).to_have_text(words(20), timeout=15_000)
+    partial = [text for text in page.evaluate("window.renders") if text]
+    assert len(partial) >= 5, partial  # seen piece by piece, not all at once at the end
     assert all(words(20).startswith(text) for text in partial)
     expect(last_status(page)).to_have_text("7 prompt + 20 reply = 27 tokens")
     stored = service.get(f"/conversations/{conversation_id_in_url(page)}/messages")
@@ -2930,7 +3133,8 @@ def test_a_new_chat_uses_the_model_chosen_and_gets_the_models_title(
     )
     page.reload()
     expect(page.locator("#title")).to_have_text(words(2).strip())
-    expect(page.get_by_role("link", name=words(2).strip())).to_be_visible()
+    link = page.locator(f'#conversations a[href="#/c/{conversation["id"]}"] .title')
+    expect(link).to_have_text(words(2).strip())  # (other chats' titles may start alike)
 
 
 def test_enter_sends_and_shift_enter_starts_a_new_line(
@@ -3287,6 +3491,13 @@ def test_the_docs_work_offline_with_the_stream_endpoints_listed(
     expect(operation).to_contain_text("403")
 
 
+def resolved(openapi: dict, schema: dict) -> dict:
+    """The schema a $ref points to, as a client's code generator follows it."""
+    while "$ref" in schema:
+        schema = openapi["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
 @pytest.mark.parametrize(
     "method, path, errors",
     [
@@ -3325,18 +3536,20 @@ def test_the_openapi_document_lists_the_stop_endpoints_409(
 def test_the_openapi_document_shows_what_the_generation_endpoints_read(
     service: httpx.Client,
 ) -> None:
-    paths = service.get("/openapi.json").json()["paths"]
-    get = paths["/text/generate/stream"]["get"]
+    openapi = service.get("/openapi.json").json()
+    get = openapi["paths"]["/text/generate/stream"]["get"]
     query = {p["name"]: p["required"] for p in get["parameters"] if p["in"] == "query"}
     assert query == {"prompt": True, "conversation_id": False}
-    post = paths["/text/generate/stream"]["post"]
-    body = post["requestBody"]["content"]["application/json"]["schema"]
+    post = openapi["paths"]["/text/generate/stream"]["post"]
+    body = resolved(
+        openapi, post["requestBody"]["content"]["application/json"]["schema"]
+    )
     assert set(body["properties"]) == {"prompt", "conversation_id"}
-    again = paths["/messages/{message_id}/regenerate"]["post"]["requestBody"]
+    assert body["required"] == ["prompt"]
+    again = openapi["paths"]["/messages/{message_id}/regenerate"]["post"]["requestBody"]
     assert again["required"] is False  # the prompt is optional, and so is the body
-    assert set(again["content"]["application/json"]["schema"]["properties"]) == {
-        "prompt"
-    }
+    schema = resolved(openapi, again["content"]["application/json"]["schema"])
+    assert set(schema["properties"]) == {"prompt"}
 
 
 def test_every_operation_id_in_the_openapi_document_is_unique(
@@ -3344,7 +3557,7 @@ def test_every_operation_id_in_the_openapi_document_is_unique(
 ) -> None:
     paths = service.get("/openapi.json").json()["paths"]
     ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
-    assert len(ids) >= 12
+    assert len(ids) == len(API_OPERATIONS) + 2  # and /health's GET and HEAD
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
@@ -3357,7 +3570,7 @@ def test_another_origin_is_refused_on_every_api_endpoint_before_anything_is_stor
     before = service.get("/conversations").json()
     openapi = service.get("/openapi.json").json()
     operations = [op for op in every_operation(openapi) if op[1] != "/health"]
-    assert len(operations) >= 12
+    assert set(operations) == API_OPERATIONS
     for method, path in operations:
         response = service.request(
             method,
@@ -3450,6 +3663,8 @@ def test_a_preflight_from_another_origin_gets_no_allow_headers(
         "/conversations",
         headers={"Origin": STRANGER, "Access-Control-Request-Method": "POST"},
     )
+    # Answered by the CORS rules (Starlette's 400), not by an endpoint or an error.
+    assert (response.status_code, response.text) == (400, "Disallowed CORS origin")
     assert "access-control-allow-origin" not in response.headers
 
 
@@ -3555,8 +3770,8 @@ def test_a_malformed_cors_origins_setting_is_refused_at_start(
     tmp_path: Path, origins: str
 ) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CORS_ORIGINS": origins}
-    process, log = launch(["--port", str(free_port())], env, tmp_path)
-    assert process.wait(30) != 0
+    process, log = launch(["--port", "0"], env, tmp_path)
+    assert process.wait(60) != 0
     assert "CORS_ORIGINS" in log.read_text()
 
 
@@ -3687,21 +3902,27 @@ def seed_a_chat(http: httpx.Client) -> int:
     return chat["id"]
 
 
+@pytest.fixture(scope="module")
+def seeded(start_page_app: Callable[..., Server]) -> tuple[Server, int]:
+    """An app on a new file with seed_a_chat's conversations only; and the chat's id."""
+    server = start_page_app()
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        return server, seed_a_chat(http)
+
+
 @pytest.mark.parametrize(
     "name, width, height", [("desktop", 1280, 800), ("phone", 390, 844)]
 )
 def test_the_page_fits_desktop_and_phone_widths(
     open_page: Callable[..., Page],
-    start_page_app: Callable[..., Server],
+    seeded: tuple[Server, int],
     tmp_path: Path,
     name: str,
     width: int,
     height: int,
 ) -> None:
     """UPDATE_SCREENSHOTS=1 saves the pictures as static/screenshot*.png for the README."""
-    server = start_page_app()
-    with httpx.Client(base_url=server.url, timeout=10) as http:
-        chat = seed_a_chat(http)
+    server, chat = seeded
     page = open_page(f"/#/c/{chat}", server=server, width=width, height=height)
     expect(page.locator(".turn")).to_have_count(3)
     expect(page.locator(".turn .status")).to_have_text(
@@ -3762,11 +3983,6 @@ def openai_client(server: Server, api_key: str = "any") -> openai.OpenAI:
 def sdk(server: Server) -> Iterator[openai.OpenAI]:
     with openai_client(server) as sdk:
         yield sdk
-
-
-@pytest.fixture(scope="module")
-def capped(start_app: Callable[..., Server]) -> Server:
-    return start_app(MAX_TOKENS="20", SYSTEM_PROMPT="Not for /v1 calls.")
 
 
 def unique(text: str) -> str:
@@ -4076,10 +4292,12 @@ def test_v1_with_the_sdks_retries_on_a_failed_call_stores_one_turn(
 
 
 def test_v1_a_call_beyond_max_live_replies_is_a_retryable_429(
-    start_app: Callable[..., Server],
+    one_live_reply: Server,
 ) -> None:
-    app = start_app(MAX_LIVE_REPLIES="1")
-    with openai_client(app) as sdk, httpx.Client(base_url=app.url) as client:
+    with (
+        openai_client(one_live_reply) as sdk,
+        httpx.Client(base_url=one_live_reply.url) as client,
+    ):
         raw = sdk.chat.completions.with_raw_response.create(
             model="fake:pieces=50:gap_ms=100", messages=[user("busy")], stream=True
         )
