@@ -977,11 +977,8 @@ async def checkpoint(reply: LiveReply) -> None:
             reply.end(STOPPED, "Stopped")
 
 
-async def store_end(
-    reply: LiveReply, status_code: int, detail: str
-) -> tuple[int, str, Message | None]:
-    """Store how the turn ended, retrying a failing database for about 10 s; return the end
-    as stored (another process may have ended it first) and the row."""
+def end_values(reply: LiveReply, status_code: int) -> dict:
+    """The columns of a turn that ended with `status_code`."""
     values = {
         "response_content": "".join(reply.pieces),
         "piece_lengths": reply.piece_lengths(),
@@ -995,28 +992,24 @@ async def store_end(
     if reply.call and status_code == 200:
         path = [*reply.call, ("assistant", values["response_content"])]
         values["path_hash"] = path_key(path)
+    return values
+
+
+async def store_end(
+    reply: LiveReply, status_code: int, detail: str
+) -> tuple[int, str, Message | None]:
+    """Store how the turn ended, retrying a failing database for about 10 s; return the end
+    as stored (another process may have ended it first) and the row."""
+    values = end_values(reply, status_code)
     deadline = time.monotonic() + 10
     while True:
         try:
-            async with AsyncSession(engine, expire_on_commit=False) as session:
-                await touch_conversation(
-                    session, reply.conversation_id, values["updated_at"]
-                )
-                query = (
-                    update(Message)
-                    .where(col(Message.id) == reply.message_id, col(Message.live))
-                    .values(values)
-                    .returning(Message)
-                )
-                message = (await session.exec(query)).scalar_one_or_none()
-                if message is None:  # deleted, or ended by another process's stop
-                    message = await session.get(Message, reply.message_id)
-                await session.commit()
+            message = await write_end(reply, values)
             break
         except DATABASE_ERRORS as error:
             if time.monotonic() > deadline:
                 logger.error(
-                    "Could not store the end of turn %s: %s", reply.message_id, error
+                    "Could not store the end of %s: %s", reply.message_id, error
                 )
                 return 503, "Database unavailable: the reply was not stored", None
             await asyncio.sleep(0.5)
@@ -1025,6 +1018,19 @@ async def store_end(
     if message.is_success or message.status_code != status_code:
         status_code, detail = how_it_ended(message)
     return status_code, detail, message
+
+
+async def write_end(reply: LiveReply, values: dict) -> Message | None:
+    """The live row updated with `values`; as it is if it had ended already (None: deleted)."""
+    async with AsyncSession(engine, expire_on_commit=False) as session:
+        await touch_conversation(session, reply.conversation_id, values["updated_at"])
+        live_row = (col(Message.id) == reply.message_id) & col(Message.live)
+        query = update(Message).where(live_row).values(values).returning(Message)
+        message = (await session.exec(query)).scalar_one_or_none()
+        if message is None:  # deleted, or ended by another process's stop
+            message = await session.get(Message, reply.message_id)
+        await session.commit()
+    return message
 
 
 async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
@@ -1230,10 +1236,8 @@ async def generate(
         else:
             await stream_llm(await opening, reply)
     except openai.APITimeoutError:
-        return (
-            504,
-            f"The model sent nothing for {settings.openai_timeout:g} s (OPENAI_TIMEOUT)",
-        )
+        silent = f"{settings.openai_timeout:g} s (OPENAI_TIMEOUT)"
+        return 504, f"The model sent nothing for {silent}"
     except openai.APIConnectionError:
         return 502, "The model could not be reached, or its reply broke off"
     except openai.APIStatusError as error:
@@ -1277,14 +1281,9 @@ async def write_title(
             async with AsyncSession(engine) as session:
                 await session.exec(renamed)
                 await session.commit()
-        except openai.APIStatusError as error:
-            logger.warning(
-                "No title for conversation %s: %s",
-                conversation_id,
-                upstream_error(error),
-            )
-        except Exception:  # the conversation keeps its placeholder title
-            logger.exception("No title for conversation %s", conversation_id)
+        except Exception as error:  # the conversation keeps its placeholder title
+            why = one_line(str(error), 300)
+            logger.warning("No title for conversation %s: %s", conversation_id, why)
 
 
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
@@ -1763,9 +1762,12 @@ def usage(message: Message) -> dict | None:
     counts = (message.prompt_tokens, message.response_tokens, message.total_tokens)
     if None in counts:
         return None
-    return dict(
-        zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts, strict=True)
-    )
+    prompt, response, total = counts
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": response,
+        "total_tokens": total,
+    }
 
 
 def completion(reply: LiveReply, call: ChatRequest) -> dict:
