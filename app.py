@@ -2311,7 +2311,8 @@ def output_message(message_id: int, text: str, status: str) -> OutputMessage:
 def response_object(message: Message, model: str, detail: str = "") -> ResponseObject:
     """The response as its turn is stored (`detail`: the error's, when known)."""
     status, error = response_status(message, detail)
-    options, text = message.response_options or {}, message.response_content
+    text, counts = message.response_content, usage(message)
+    cut = {"reason": "max_output_tokens"} if status == "incomplete" else None
     return ResponseObject(
         id=f"resp_{message.id}",
         created_at=int(message.created_at.timestamp()),
@@ -2319,28 +2320,17 @@ def response_object(message: Message, model: str, detail: str = "") -> ResponseO
         model=model,
         output=[output_message(message.id, text, status)] if text else [],
         previous_response_id=message.parent_id and f"resp_{message.parent_id}",
-        usage=usage(message) and response_usage(message),
+        usage=counts and ResponseUsage.model_validate(counts),
         error=error,
-        incomplete_details={"reason": "max_output_tokens"}
-        if status == "incomplete"
-        else None,
+        incomplete_details=cut,
         conversation=ConversationRef(id=f"conv_{message.conversation_id}"),
-        **{name: options.get(name) for name in ECHOED},
-        **{key: options[key] for key in ("metadata", "background") if key in options},
+        **(message.response_options or {}),  # what the call set of ECHOED, metadata
     )
 
 
 def at_start(response: ResponseObject) -> ResponseObject:
     """What response.created and response.in_progress carry, in every stream."""
     return response.model_copy(update={"status": "in_progress", **NOTHING_YET})
-
-
-def response_usage(message: Message) -> ResponseUsage:
-    return ResponseUsage(
-        input_tokens=message.prompt_tokens,
-        output_tokens=message.response_tokens,
-        total_tokens=message.total_tokens,
-    )
 
 
 def split_at_pieces(text: str, piece_lengths: str | None, offset: int) -> Iterator[str]:
@@ -2381,14 +2371,6 @@ async def response_texts(
         end.append((*how_it_ended(turn), turn))
 
 
-def response_stream(
-    turn: LiveReply | Message, head: ResponseObject, after: int, headers: dict
-) -> EventSourceResponse:
-    """The response's events numbered above `after`, live to its end."""
-    events = response_events(turn, head, after)
-    return EventSourceResponse(events, headers={**headers, **STREAM_HEADERS})
-
-
 def response_event(number: int, kind: str, fields: dict) -> bytes:
     """`event:` and `data:` only: an `id:` line would break the SDK's decoder."""
     data = {"type": f"response.{kind}", "sequence_number": number, **fields}
@@ -2398,6 +2380,7 @@ def response_event(number: int, kind: str, fields: dict) -> bytes:
 async def response_events(
     turn: LiveReply | Message, head: ResponseObject, after: int
 ) -> AsyncIterator[bytes]:
+    """The response's events numbered above `after`, live to its end."""
     message_id, end, offset = int(head.id.removeprefix("resp_")), [], max(after - 3, 0)
     part = {"item_id": f"msg_{message_id}", "output_index": 0, "content_index": 0}
     item = output_message(message_id, "", "in_progress")
@@ -2418,14 +2401,12 @@ async def response_events(
         return  # the database failed or the server is going away: the client resumes
     final, text = final_response(head, *end[0])
     item = output_message(message_id, text, final.status)
+    ending = final.status if final.status in ("completed", "incomplete") else "failed"
     closing = [
         ("output_text.done", {**part, "text": text, "logprobs": []}),
         ("content_part.done", {**part, "part": OutputText(text=text)}),
         ("output_item.done", {"output_index": 0, "item": item}),
-        (
-            final.status if final.status in ("completed", "incomplete") else "failed",
-            {"response": final},
-        ),
+        (ending, {"response": final}),
     ]
     length = len(text) if end[0][2] else offset  # stored, or deleted meanwhile
     for number, (kind, fields) in enumerate(closing, length + 4):
@@ -2542,7 +2523,8 @@ async def create_response(
     if failed_early or (reply.message is None and not call.stream):
         return call_failed(reply, headers)
     if call.stream:
-        return response_stream(reply, head, -1, headers)
+        events = response_events(reply, head, -1)
+        return EventSourceResponse(events, headers={**headers, **STREAM_HEADERS})
     done = response_object(reply.message, call.model, reply.detail)
     return JSONResponse(jsonable_encoder(done), headers=headers)
 
@@ -2561,8 +2543,8 @@ async def retrieve_response(
         return JSONResponse(jsonable_encoder(response_object(message, model)))
     await session.close()  # hold no connection for the stream's length
     after = -1 if starting_after is None else starting_after
-    head = at_start(response_object(message, model))
-    return response_stream(message, head, after, {})
+    events = response_events(message, at_start(response_object(message, model)), after)
+    return EventSourceResponse(events, headers=STREAM_HEADERS)
 
 
 @api.post("/v1/responses/{response_id}/cancel", responses=OPENAI_ERRORS)
@@ -2602,12 +2584,8 @@ async def list_input_items(
         raise HTTPException(400, "after: not an input item of this response")
     start = ids.index(after) + 1 if after is not None else 0
     page = items[start : start + limit]
-    return InputItemList(
-        data=page,
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-        has_more=start + limit < len(items),
-    )
+    ends = {"first_id": page[0].id, "last_id": page[-1].id} if page else {}
+    return InputItemList(data=page, has_more=start + limit < len(items), **ends)
 
 
 app.include_router(api)

@@ -684,9 +684,11 @@ class OutputMessage(SQLModel):
 
 
 class ResponseUsage(SQLModel):
-    input_tokens: int
+    """Read from a turn's usage, as Chat Completions gives it."""
+
+    input_tokens: int = Field(validation_alias="prompt_tokens")
     input_tokens_details: dict[str, int] = {"cached_tokens": 0}
-    output_tokens: int
+    output_tokens: int = Field(validation_alias="completion_tokens")
     output_tokens_details: dict[str, int] = {"reasoning_tokens": 0}
     total_tokens: int
 
@@ -731,8 +733,8 @@ class InputItem(SQLModel):
 class InputItemList(SQLModel):
     object: Literal["list"] = "list"
     data: list[InputItem]
-    first_id: str | None
-    last_id: str | None
+    first_id: str | None = None
+    last_id: str | None = None
     has_more: bool
 
 
