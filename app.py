@@ -95,7 +95,6 @@ from models import (
     ImportResult,
     InputItem,
     InputItemList,
-    InputText,
     Message,
     MessageCreate,
     MessagePublic,
@@ -2263,7 +2262,6 @@ async def import_conversations(request: Request, session: SessionDep) -> ImportR
 RESPONSE_ID = re.compile(r"resp_(\d{1,10})")
 CONVERSATION_REF = re.compile(r"conv_(\d{1,10})")
 ECHOED = ("instructions", "temperature", "top_p", "max_output_tokens")  # and metadata
-NOTHING_YET = {"output": [], "usage": None, "error": None, "incomplete_details": None}
 RESPONSE_ERRORS = {200: {"model": ResponseObject}, **OPENAI_ERRORS}
 
 
@@ -2300,14 +2298,6 @@ def response_status(message: Message, detail: str) -> tuple[str, ResponseError |
     return "incomplete" if message.finish_reason == "length" else "completed", None
 
 
-def output_message(message_id: int, text: str, status: str) -> OutputMessage:
-    return OutputMessage(
-        id=f"msg_{message_id}",
-        status=status if status in ("in_progress", "completed") else "incomplete",
-        content=[OutputText(text=text)] if text or status != "in_progress" else [],
-    )
-
-
 def response_object(message: Message, model: str, detail: str = "") -> ResponseObject:
     """The response as its turn is stored (`detail`: the error's, when known)."""
     status, error = response_status(message, detail)
@@ -2318,28 +2308,21 @@ def response_object(message: Message, model: str, detail: str = "") -> ResponseO
         created_at=int(message.created_at.timestamp()),
         status=status,
         model=model,
-        output=[output_message(message.id, text, status)] if text else [],
+        output=[OutputMessage.of(message.id, text, status)] if text else [],
         previous_response_id=message.parent_id and f"resp_{message.parent_id}",
         usage=counts and ResponseUsage.model_validate(counts),
         error=error,
         incomplete_details=cut,
         conversation=ConversationRef(id=f"conv_{message.conversation_id}"),
-        **(message.response_options or {}),  # what the call set of ECHOED, metadata
+        **(message.response_options or {}),  # ECHOED, metadata and background
     )
-
-
-def at_start(response: ResponseObject) -> ResponseObject:
-    """What response.created and response.in_progress carry, in every stream."""
-    return response.model_copy(update={"status": "in_progress", **NOTHING_YET})
 
 
 def split_at_pieces(text: str, piece_lengths: str | None, offset: int) -> Iterator[str]:
     """The text past `offset`, in deltas that end where the reply's pieces ended."""
     start, lengths = offset, filter(None, (piece_lengths or "").split(","))
     for end in itertools.accumulate(map(int, lengths)):
-        if end >= len(text):
-            break
-        if end > start:
+        if start < end < len(text):
             yield text[start:end]
             start = end
     if start < len(text):
@@ -2364,11 +2347,9 @@ async def response_texts(
         async for delta in text_in_memory(turn, offset):
             yield delta
         end.append((turn.status_code, turn.detail, turn.message))
-    elif turn.live:
+    else:  # of another worker, or ended: its row has the rest and the end
         async for delta in text_from_the_row(turn.id, offset, end):
             yield delta
-    else:
-        end.append((*how_it_ended(turn), turn))
 
 
 def response_event(number: int, kind: str, fields: dict) -> bytes:
@@ -2383,7 +2364,7 @@ async def response_events(
     """The response's events numbered above `after`, live to its end."""
     message_id, end, offset = int(head.id.removeprefix("resp_")), [], max(after - 3, 0)
     part = {"item_id": f"msg_{message_id}", "output_index": 0, "content_index": 0}
-    item = output_message(message_id, "", "in_progress")
+    item = OutputMessage.of(message_id, "", "in_progress")
     opening = [
         ("created", {"response": head}),
         ("in_progress", {"response": head}),
@@ -2400,7 +2381,7 @@ async def response_events(
     if not end:
         return  # the database failed or the server is going away: the client resumes
     final, text = final_response(head, *end[0])
-    item = output_message(message_id, text, final.status)
+    item = OutputMessage.of(message_id, text, final.status)
     ending = final.status if final.status in ("completed", "incomplete") else "failed"
     closing = [
         ("output_text.done", {**part, "text": text, "logprobs": []}),
@@ -2490,15 +2471,14 @@ async def start_response(
     messages = [*context, *(model_message(*item) for item in items)]
     if call.instructions:
         messages.insert(0, model_message("system", call.instructions))
-    options = call.model_dump(
-        include={*ECHOED, "tags"}, exclude_none=True, by_alias=True
-    )
+    echoed = {*ECHOED, "tags", "background"}
+    options = call.model_dump(include=echoed, exclude_none=True, by_alias=True)
     message = Message(
         prompt_content=items[-1][1],
         response_content="",
         live=True,
         input_items=items,
-        response_options={**options, "background": bool(call.background)},
+        response_options=options,
     )
     sampling = call.model_dump(include={"temperature", "top_p"}, exclude_none=True)
     if call.max_output_tokens:
@@ -2507,15 +2487,13 @@ async def start_response(
     return reply, message
 
 
-@api.post("/v1/responses", response_class=Response, responses=RESPONSE_ERRORS)
+@api.post("/v1/responses", responses=RESPONSE_ERRORS)
 async def create_response(
-    call: ResponseRequest,
-    session: SessionDep,
-    conversation_id: ConversationHeader = None,
+    call: ResponseRequest, session: SessionDep, header_id: ConversationHeader = None
 ) -> Response:
-    reply, message = await start_response(call, conversation_id, session)
+    reply, message = await start_response(call, header_id, session)
     headers = turn_headers(reply)
-    head = at_start(response_object(message, call.model))
+    head = response_object(message, call.model).at_start()
     if call.background and not call.stream:
         return JSONResponse(jsonable_encoder(head), headers=headers)
     await answered(reply, bool(call.stream))
@@ -2529,9 +2507,7 @@ async def create_response(
     return JSONResponse(jsonable_encoder(done), headers=headers)
 
 
-@api.get(
-    "/v1/responses/{response_id}", response_class=Response, responses=RESPONSE_ERRORS
-)
+@api.get("/v1/responses/{response_id}", responses=RESPONSE_ERRORS)
 async def retrieve_response(
     found: FoundResponse,
     session: SessionDep,
@@ -2543,7 +2519,7 @@ async def retrieve_response(
         return JSONResponse(jsonable_encoder(response_object(message, model)))
     await session.close()  # hold no connection for the stream's length
     after = -1 if starting_after is None else starting_after
-    events = response_events(message, at_start(response_object(message, model)), after)
+    events = response_events(message, response_object(message, model).at_start(), after)
     return EventSourceResponse(events, headers=STREAM_HEADERS)
 
 
@@ -2563,11 +2539,6 @@ async def delete_response(found: FoundResponse, session: SessionDep) -> Response
     return ResponseDeleted(id=f"resp_{found[0].id}")
 
 
-def input_item(message_id: int, n: int, role: str, text: str) -> InputItem:
-    part = OutputText(text=text) if role == "assistant" else InputText(text=text)
-    return InputItem(id=f"msg_{message_id}_{n}", role=role, content=[part])
-
-
 @api.get("/v1/responses/{response_id}/input_items", responses=OPENAI_ERRORS)
 async def list_input_items(
     found: FoundResponse,
@@ -2577,7 +2548,7 @@ async def list_input_items(
 ) -> InputItemList:
     message = found[0]
     given = message.input_items or [("user", message.prompt_content)]
-    items = [input_item(message.id, n, *item) for n, item in enumerate(given)]
+    items = [InputItem.of(message.id, n, *item) for n, item in enumerate(given)]
     items = items[::-1] if order == "desc" else items
     ids = [item.id for item in items]
     if after is not None and after not in ids:

@@ -682,6 +682,15 @@ class OutputMessage(SQLModel):
     status: Literal["in_progress", "completed", "incomplete"]
     content: list[OutputText]
 
+    @classmethod
+    def of(cls, message_id: int, text: str, status: str) -> "OutputMessage":
+        """The reply's one output item, in the response's status."""
+        return cls(
+            id=f"msg_{message_id}",
+            status=status if status in ("in_progress", "completed") else "incomplete",
+            content=[OutputText(text=text)] if text or status != "in_progress" else [],
+        )
+
 
 class ResponseUsage(SQLModel):
     """Read from a turn's usage, as Chat Completions gives it."""
@@ -721,6 +730,13 @@ class ResponseObject(SQLModel):
     max_output_tokens: int | None = None
     conversation: ConversationRef
 
+    def at_start(self) -> "ResponseObject":
+        """What response.created and response.in_progress carry, in every stream."""
+        nothing_yet = {"output": [], "usage": None, "error": None}
+        return self.model_copy(
+            update={"status": "in_progress", "incomplete_details": None, **nothing_yet}
+        )
+
 
 class InputItem(SQLModel):
     id: str  # msg_<message id>_<n>
@@ -728,6 +744,11 @@ class InputItem(SQLModel):
     role: Literal["user", "assistant", "system", "developer"]
     status: Literal["completed"] = "completed"
     content: list[InputText | OutputText]
+
+    @classmethod
+    def of(cls, message_id: int, n: int, role: str, text: str) -> "InputItem":
+        part = OutputText(text=text) if role == "assistant" else InputText(text=text)
+        return cls(id=f"msg_{message_id}_{n}", role=role, content=[part])
 
 
 class InputItemList(SQLModel):
