@@ -2249,19 +2249,18 @@ async def import_conversations(request: Request, session: SessionDep) -> ImportR
 # OpenAI Responses API --------------------------------------------------------------------
 # The stateful API of OpenAI's SDKs and the Agents SDK, on the stored tree: a response is a
 # turn (resp_<message id>) run and stored like any other, and previous_response_id is the
-# turn it follows. The model gets the branch that ends there (each successful turn's input
-# items and reply): that turn becomes the leaf first, so its branch is one index range.
+# turn it follows. The model gets the branch that ends there (see branch_context).
 #
 # Sequence numbers are fixed by the reply's text, so that every stream of a response (live
 # or replayed, from any worker) numbers its events alike: the four opening events 0-3, a
 # delta whose text ends at offset k 3+k, the four closing events L+4 to L+7 (L: the length of
-# the stored reply). A replay splits the text where the live stream's pieces ended (their
-# lengths are kept with every checkpoint), so any number a client saw ends a delta, and a
-# client that resumes after it gets each character once.
+# the stored reply). A replay splits the text where the live stream's pieces ended (see
+# split_at_pieces), so a client that resumes after any number it saw gets each character once.
 
 RESPONSE_ID = re.compile(r"resp_(\d{1,10})")
 CONVERSATION_REF = re.compile(r"conv_(\d{1,10})")
-ECHOED = ("instructions", "temperature", "top_p", "max_output_tokens")  # and metadata
+# Stored with the turn and returned in its response, as the call sent them.
+ECHOED = {"instructions", "temperature", "top_p", "max_output_tokens", "tags"}
 RESPONSE_ERRORS = {200: {"model": ResponseObject}, **OPENAI_ERRORS}
 
 
@@ -2314,7 +2313,7 @@ def response_object(message: Message, model: str, detail: str = "") -> ResponseO
         error=error,
         incomplete_details=cut,
         conversation=ConversationRef(id=f"conv_{message.conversation_id}"),
-        **(message.response_options or {}),  # ECHOED, metadata and background
+        **(message.response_options or {}),
     )
 
 
@@ -2434,8 +2433,7 @@ async def response_place(
     call: ResponseRequest, header_id: int | None, session: AsyncSession
 ) -> Conversation:
     """The conversation of the call's turn, its leaf the turn that it follows."""
-    named = call.conversation
-    named = named.id if isinstance(named, ConversationRef) else named
+    named = getattr(call.conversation, "id", call.conversation)  # a ConversationRef's
     conversation_id = id_in(CONVERSATION_REF, named) if named else header_id
     if named and header_id and conversation_id != header_id:
         raise HTTPException(400, "conversation and X-Conversation-Id differ")
@@ -2471,7 +2469,7 @@ async def start_response(
     messages = [*context, *(model_message(*item) for item in items)]
     if call.instructions:
         messages.insert(0, model_message("system", call.instructions))
-    echoed = {*ECHOED, "tags", "background"}
+    echoed = {*ECHOED, "background"}
     options = call.model_dump(include=echoed, exclude_none=True, by_alias=True)
     message = Message(
         prompt_content=items[-1][1],
