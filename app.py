@@ -93,12 +93,20 @@ from models import (
     GenerateQuery,
     GenerateRequest,
     ImportResult,
+    InputItem,
+    InputItemList,
     Message,
     MessageCreate,
     MessagePublic,
     OpenAIErrorBody,
+    OutputMessage,
+    OutputText,
     RegenerateRequest,
+    ResponseDeleted,
+    ResponseError,
+    ResponseObject,
     ResponseRequest,
+    ResponseUsage,
     Sampling,
     SearchHit,
     TurnImport,
@@ -2243,27 +2251,19 @@ async def import_conversations(request: Request, session: SessionDep) -> ImportR
 # OpenAI Responses API --------------------------------------------------------------------
 # The stateful API of OpenAI's SDKs and the Agents SDK, on the stored tree: a response is a
 # turn (resp_<message id>) run and stored like any other, and previous_response_id is the
-# turn it follows. The model gets the branch that ends there (each successful turn's input
-# items and reply): that turn becomes the leaf first, so its branch is one index range.
+# turn it follows. The model gets the branch that ends there (see branch_context).
 #
 # Sequence numbers are fixed by the reply's text, so that every stream of a response (live
 # or replayed, from any worker) numbers its events alike: the four opening events 0-3, a
 # delta whose text ends at offset k 3+k, the four closing events L+4 to L+7 (L: the length of
-# the stored reply). A replay splits the text where the live stream's pieces ended (their
-# lengths are kept with every checkpoint), so any number a client saw ends a delta, and a
-# client that resumes after it gets each character once.
+# the stored reply). A replay splits the text where the live stream's pieces ended (see
+# split_at_pieces), so a client that resumes after any number it saw gets each character once.
 
 RESPONSE_ID = re.compile(r"resp_(\d{1,10})")
 CONVERSATION_REF = re.compile(r"conv_(\d{1,10})")
-CLOSING = {"completed": "completed", "incomplete": "incomplete"}  # else: failed
-ECHOED = ("instructions", "temperature", "top_p", "max_output_tokens")  # and metadata
-FIXED = {
-    "store": True,
-    "parallel_tool_calls": False,
-    "tool_choice": "none",
-    "tools": [],
-}
-NOTHING_YET = {"output": [], "usage": None, "error": None, "incomplete_details": None}
+# Stored with the turn and returned in its response, as the call sent them.
+ECHOED = {"instructions", "temperature", "top_p", "max_output_tokens", "tags"}
+RESPONSE_ERRORS = {200: {"model": ResponseObject}, **OPENAI_ERRORS}
 
 
 def id_in(pattern: re.Pattern, value: str) -> int | None:
@@ -2288,78 +2288,42 @@ async def find_response(response_id: str, session: SessionDep) -> tuple[Message,
 FoundResponse = Annotated[tuple[Message, str], Depends(find_response)]
 
 
-def response_status(message: Message, detail: str = "") -> tuple[str, dict | None]:
+def response_status(message: Message, detail: str) -> tuple[str, ResponseError | None]:
     if message.live:
         return "in_progress", None
     if message.is_success is False:
         if message.status_code == STOPPED:
             return "cancelled", None
         status_code, generic = how_it_ended(message)
-        return "failed", {"code": str(status_code), "message": detail or generic}
+        return "failed", ResponseError(code=str(status_code), message=detail or generic)
     return "incomplete" if message.finish_reason == "length" else "completed", None
 
 
-def output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": []}
-
-
-def output_message(message_id: int, text: str, status: str) -> dict:
-    return {
-        "id": f"msg_{message_id}",
-        "type": "message",
-        "role": "assistant",
-        "status": status if status in ("in_progress", "completed") else "incomplete",
-        "content": [output_text(text)] if text or status != "in_progress" else [],
-    }
-
-
-def response_object(message: Message, model: str, detail: str = "") -> dict:
+def response_object(message: Message, model: str, detail: str = "") -> ResponseObject:
     """The response as its turn is stored (`detail`: the error's, when known)."""
     status, error = response_status(message, detail)
-    options = message.response_options or {}
     text, counts = message.response_content, usage(message)
     cut = {"reason": "max_output_tokens"} if status == "incomplete" else None
-    return {
-        "id": f"resp_{message.id}",
-        "object": "response",
-        "created_at": int(message.created_at.timestamp()),
-        "status": status,
-        "model": model,
-        "output": [output_message(message.id, text, status)] if text else [],
-        "previous_response_id": message.parent_id and f"resp_{message.parent_id}",
-        "metadata": options.get("metadata", {}),
-        "usage": counts and response_usage(*counts.values()),
-        "error": error,
-        "incomplete_details": cut,
-        "background": options.get("background", False),
-        **FIXED,
-        **{name: options.get(name) for name in ECHOED},
-        "conversation": {"id": f"conv_{message.conversation_id}"},
-    }
-
-
-def response_usage(prompt: int, completion: int, total: int) -> dict:
-    return {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": total,
-    }
-
-
-def at_start(response: dict) -> dict:
-    """What response.created and response.in_progress carry, in every stream."""
-    return {**response, "status": "in_progress", **NOTHING_YET}
+    return ResponseObject(
+        id=f"resp_{message.id}",
+        created_at=int(message.created_at.timestamp()),
+        status=status,
+        model=model,
+        output=[OutputMessage.of(message.id, text, status)] if text else [],
+        previous_response_id=message.parent_id and f"resp_{message.parent_id}",
+        usage=counts and ResponseUsage.model_validate(counts),
+        error=error,
+        incomplete_details=cut,
+        conversation=ConversationRef(id=f"conv_{message.conversation_id}"),
+        **(message.response_options or {}),
+    )
 
 
 def split_at_pieces(text: str, piece_lengths: str | None, offset: int) -> Iterator[str]:
     """The text past `offset`, in deltas that end where the reply's pieces ended."""
     start, lengths = offset, filter(None, (piece_lengths or "").split(","))
     for end in itertools.accumulate(map(int, lengths)):
-        if end >= len(text):
-            break
-        if end > start:
+        if start < end < len(text):
             yield text[start:end]
             start = end
     if start < len(text):
@@ -2384,75 +2348,62 @@ async def response_texts(
         async for delta in text_in_memory(turn, offset):
             yield delta
         end.append((turn.status_code, turn.detail, turn.message))
-    elif turn.live:
+    else:  # of another worker, or ended: its row has the rest and the end
         async for delta in text_from_the_row(turn.id, offset, end):
             yield delta
-    else:
-        end.append((*how_it_ended(turn), turn))
 
 
-def response_event(number: int, kind: str, **fields: Any) -> bytes:
+def response_event(number: int, kind: str, fields: dict) -> bytes:
     """`event:` and `data:` only: an `id:` line would break the SDK's decoder."""
     data = {"type": f"response.{kind}", "sequence_number": number, **fields}
-    return format_sse_event(
-        event=data["type"], data_str=json.dumps(data, ensure_ascii=False)
-    )
-
-
-def response_stream(
-    turn: LiveReply | Message, head: dict, after: int, headers: dict | None = None
-) -> EventSourceResponse:
-    """The response's events numbered above `after`, live to its end."""
-    end, offset = [], max(after - 3, 0)
-    events = response_events(
-        head, response_texts(turn, offset, end), offset, end, after
-    )
-    return EventSourceResponse(events, headers={**(headers or {}), **STREAM_HEADERS})
+    return sse(jsonable_encoder(data), data["type"])
 
 
 async def response_events(
-    head: dict, texts: AsyncIterator[str], offset: int, end: list, after: int
+    turn: LiveReply | Message, head: ResponseObject, after: int
 ) -> AsyncIterator[bytes]:
-    message_id = int(head["id"].removeprefix("resp_"))
+    """The response's events numbered above `after`, live to its end."""
+    message_id, end, offset = int(head.id.removeprefix("resp_")), [], max(after - 3, 0)
     part = {"item_id": f"msg_{message_id}", "output_index": 0, "content_index": 0}
-    item = output_message(message_id, "", "in_progress")
+    item = OutputMessage.of(message_id, "", "in_progress")
     opening = [
         ("created", {"response": head}),
         ("in_progress", {"response": head}),
         ("output_item.added", {"output_index": 0, "item": item}),
-        ("content_part.added", {**part, "part": output_text("")}),
+        ("content_part.added", {**part, "part": OutputText(text="")}),
     ]
     for number, (kind, fields) in enumerate(opening):
         if number > after:
-            yield response_event(number, kind, **fields)
-    async for text in texts:
+            yield response_event(number, kind, fields)
+    async for text in response_texts(turn, offset, end):
         offset += len(text)
         delta = {**part, "delta": text, "logprobs": []}
-        yield response_event(3 + offset, "output_text.delta", **delta) if text else PING
+        yield response_event(3 + offset, "output_text.delta", delta) if text else PING
     if not end:
         return  # the database failed or the server is going away: the client resumes
     final, text = final_response(head, *end[0])
-    item = output_message(message_id, text, final["status"])
+    item = OutputMessage.of(message_id, text, final.status)
+    ending = final.status if final.status in ("completed", "incomplete") else "failed"
     closing = [
         ("output_text.done", {**part, "text": text, "logprobs": []}),
-        ("content_part.done", {**part, "part": output_text(text)}),
+        ("content_part.done", {**part, "part": OutputText(text=text)}),
         ("output_item.done", {"output_index": 0, "item": item}),
-        (CLOSING.get(final["status"], "failed"), {"response": final}),
+        (ending, {"response": final}),
     ]
     length = len(text) if end[0][2] else offset  # stored, or deleted meanwhile
     for number, (kind, fields) in enumerate(closing, length + 4):
         if number > after:
-            yield response_event(number, kind, **fields)
+            yield response_event(number, kind, fields)
 
 
 def final_response(
-    head: dict, status_code: int, detail: str, message: Message | None
-) -> tuple[dict, str]:
+    head: ResponseObject, status_code: int, detail: str, message: Message | None
+) -> tuple[ResponseObject, str]:
     """The response as stored and its text; one that could not be stored has failed."""
     if message:
-        return response_object(message, head["model"], detail), message.response_content
-    error = {"code": str(status_code), "message": detail}
-    return {**head, "status": "failed", "error": error}, ""
+        return response_object(message, head.model, detail), message.response_content
+    error = ResponseError(code=str(status_code), message=detail)
+    return head.model_copy(update={"status": "failed", "error": error}), ""
 
 
 async def branch_context(
@@ -2484,8 +2435,7 @@ async def response_place(
     call: ResponseRequest, header_id: int | None, session: AsyncSession
 ) -> Conversation:
     """The conversation of the call's turn, its leaf the turn that it follows."""
-    named = call.conversation
-    named = named.id if isinstance(named, ConversationRef) else named
+    named = getattr(call.conversation, "id", call.conversation)  # a ConversationRef's
     conversation_id = id_in(CONVERSATION_REF, named) if named else header_id
     if named and header_id and conversation_id != header_id:
         raise HTTPException(400, "conversation and X-Conversation-Id differ")
@@ -2521,15 +2471,14 @@ async def start_response(
     messages = [*context, *(model_message(*item) for item in items)]
     if call.instructions:
         messages.insert(0, model_message("system", call.instructions))
-    options = call.model_dump(
-        include={*ECHOED, "tags"}, exclude_none=True, by_alias=True
-    )
+    echoed = {*ECHOED, "background"}
+    options = call.model_dump(include=echoed, exclude_none=True, by_alias=True)
     message = Message(
         prompt_content=items[-1][1],
         response_content="",
         live=True,
         input_items=items,
-        response_options={**options, "background": bool(call.background)},
+        response_options=options,
     )
     sampling = call.model_dump(include={"temperature", "top_p"}, exclude_none=True)
     if call.max_output_tokens:
@@ -2538,31 +2487,27 @@ async def start_response(
     return reply, message
 
 
-@api.post("/v1/responses", response_class=Response, responses=OPENAI_ERRORS)
+@api.post("/v1/responses", responses=RESPONSE_ERRORS)
 async def create_response(
-    call: ResponseRequest,
-    session: SessionDep,
-    conversation_id: ConversationHeader = None,
+    call: ResponseRequest, session: SessionDep, header_id: ConversationHeader = None
 ) -> Response:
-    reply, message = await start_response(call, conversation_id, session)
+    reply, message = await start_response(call, header_id, session)
     headers = turn_headers(reply)
-    head = at_start(response_object(message, call.model))
+    head = response_object(message, call.model).at_start()
     if call.background and not call.stream:
-        return JSONResponse(head, headers=headers)
+        return JSONResponse(jsonable_encoder(head), headers=headers)
     await answered(reply, bool(call.stream))
     failed_early = not reply.pieces and reply.status_code not in (200, STOPPED, None)
     if failed_early or (reply.message is None and not call.stream):
         return call_failed(reply, headers)
     if call.stream:
-        return response_stream(reply, head, -1, headers)
-    return JSONResponse(
-        response_object(reply.message, call.model, reply.detail), headers=headers
-    )
+        events = response_events(reply, head, -1)
+        return EventSourceResponse(events, headers={**headers, **STREAM_HEADERS})
+    done = response_object(reply.message, call.model, reply.detail)
+    return JSONResponse(jsonable_encoder(done), headers=headers)
 
 
-@api.get(
-    "/v1/responses/{response_id}", response_class=Response, responses=OPENAI_ERRORS
-)
+@api.get("/v1/responses/{response_id}", responses=RESPONSE_ERRORS)
 async def retrieve_response(
     found: FoundResponse,
     session: SessionDep,
@@ -2571,14 +2516,15 @@ async def retrieve_response(
 ) -> Response:
     message, model = found
     if not stream:
-        return JSONResponse(response_object(message, model))
+        return JSONResponse(jsonable_encoder(response_object(message, model)))
     await session.close()  # hold no connection for the stream's length
     after = -1 if starting_after is None else starting_after
-    return response_stream(message, at_start(response_object(message, model)), after)
+    events = response_events(message, response_object(message, model).at_start(), after)
+    return EventSourceResponse(events, headers=STREAM_HEADERS)
 
 
 @api.post("/v1/responses/{response_id}/cancel", responses=OPENAI_ERRORS)
-async def cancel_response(found: FoundResponse, session: SessionDep) -> dict:
+async def cancel_response(found: FoundResponse, session: SessionDep) -> ResponseObject:
     message, model = found
     if message.live:
         with suppress(HTTPException):  # it ended meanwhile: it is returned as stored
@@ -2588,16 +2534,9 @@ async def cancel_response(found: FoundResponse, session: SessionDep) -> dict:
 
 
 @api.delete("/v1/responses/{response_id}", responses=OPENAI_ERRORS)
-async def delete_response(found: FoundResponse, session: SessionDep) -> dict:
+async def delete_response(found: FoundResponse, session: SessionDep) -> ResponseDeleted:
     await delete_message(found[0], session)
-    return {"id": f"resp_{found[0].id}", "object": "response.deleted", "deleted": True}
-
-
-def input_item(message_id: int, n: int, role: str, text: str) -> dict:
-    part = {"type": "input_text", "text": text}
-    content = [output_text(text) if role == "assistant" else part]
-    item = {"id": f"msg_{message_id}_{n}", "type": "message", "role": role}
-    return {**item, "status": "completed", "content": content}
+    return ResponseDeleted(id=f"resp_{found[0].id}")
 
 
 @api.get("/v1/responses/{response_id}/input_items", responses=OPENAI_ERRORS)
@@ -2606,24 +2545,18 @@ async def list_input_items(
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> dict:
+) -> InputItemList:
     message = found[0]
     given = message.input_items or [("user", message.prompt_content)]
-    items = [input_item(message.id, n, *item) for n, item in enumerate(given)]
-    if order == "desc":
-        items.reverse()
-    ids = [item["id"] for item in items]
+    items = [InputItem.of(message.id, n, *item) for n, item in enumerate(given)]
+    items = items[::-1] if order == "desc" else items
+    ids = [item.id for item in items]
     if after is not None and after not in ids:
         raise HTTPException(400, "after: not an input item of this response")
     start = ids.index(after) + 1 if after is not None else 0
     page = items[start : start + limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": start + limit < len(items),
-    }
+    ends = {"first_id": page[0].id, "last_id": page[-1].id} if page else {}
+    return InputItemList(data=page, has_more=start + limit < len(items), **ends)
 
 
 app.include_router(api)

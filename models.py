@@ -659,3 +659,107 @@ class ResponseRequest(SQLModel):
     top_p: float | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: Annotated[list, Field(max_length=0)] | None = None  # [] is accepted
+
+
+# What the Responses API returns (for the SDKs, and the OpenAPI document)
+
+
+class InputText(SQLModel):
+    type: Literal["input_text"] = "input_text"
+    text: str
+
+
+class OutputText(SQLModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list = []
+
+
+class OutputMessage(SQLModel):
+    id: str  # msg_<message id>
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+    @classmethod
+    def of(cls, message_id: int, text: str, status: str) -> "OutputMessage":
+        """The reply's one output item, in the response's status."""
+        return cls(
+            id=f"msg_{message_id}",
+            status=status if status in ("in_progress", "completed") else "incomplete",
+            content=[OutputText(text=text)] if text or status != "in_progress" else [],
+        )
+
+
+class ResponseUsage(SQLModel):
+    """Read from a turn's usage, as Chat Completions gives it."""
+
+    input_tokens: int = Field(validation_alias="prompt_tokens")
+    input_tokens_details: dict[str, int] = {"cached_tokens": 0}
+    output_tokens: int = Field(validation_alias="completion_tokens")
+    output_tokens_details: dict[str, int] = {"reasoning_tokens": 0}
+    total_tokens: int
+
+
+class ResponseError(SQLModel):
+    code: str  # the reply's HTTP status
+    message: str
+
+
+class ResponseObject(SQLModel):
+    id: str  # resp_<message id>
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed", "cancelled"]
+    model: str
+    output: list[OutputMessage] = []
+    previous_response_id: str | None = None
+    tags: dict[str, str] = Field(default={}, alias="metadata")  # as in ResponseRequest
+    usage: ResponseUsage | None = None
+    error: ResponseError | None = None
+    incomplete_details: dict[str, str] | None = None
+    background: bool = False
+    store: bool = True
+    parallel_tool_calls: bool = False
+    tool_choice: Literal["none"] = "none"
+    tools: list = []
+    instructions: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: int | None = None
+    conversation: ConversationRef
+
+    def at_start(self) -> "ResponseObject":
+        """What response.created and response.in_progress carry, in every stream."""
+        nothing_yet = {"output": [], "usage": None, "error": None}
+        return self.model_copy(
+            update={"status": "in_progress", "incomplete_details": None, **nothing_yet}
+        )
+
+
+class InputItem(SQLModel):
+    id: str  # msg_<message id>_<n>
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    status: Literal["completed"] = "completed"
+    content: list[InputText | OutputText]
+
+    @classmethod
+    def of(cls, message_id: int, n: int, role: str, text: str) -> "InputItem":
+        part = OutputText(text=text) if role == "assistant" else InputText(text=text)
+        return cls(id=f"msg_{message_id}_{n}", role=role, content=[part])
+
+
+class InputItemList(SQLModel):
+    object: Literal["list"] = "list"
+    data: list[InputItem]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+class ResponseDeleted(SQLModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True
