@@ -137,9 +137,7 @@ class Settings(BaseSettings):
     default_model: str = "echo"
     system_prompt: str = ""
     history_turns: int = Field(default=10, ge=0)
-    max_prompt_chars: int = Field(
-        default=32_000, ge=1, le=MAX_TEXT_CHARS
-    )  # a message's
+    max_prompt_chars: int = Field(default=32_000, ge=1, le=MAX_TEXT_CHARS)
     openai_timeout: float = Field(default=60, gt=0)
     max_tokens: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
@@ -155,9 +153,8 @@ class Settings(BaseSettings):
     @classmethod
     def key_can_be_typed(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
-            raise ValueError(
-                "API_KEY is only whitespace: no client could send it (unset it for no auth)"
-            )
+            why = "no client could send it (unset it for no auth)"
+            raise ValueError(f"API_KEY is only whitespace: {why}")
         return value
 
 
@@ -206,9 +203,8 @@ class BoundedConnection(psycopg.AsyncConnection):
             return await super().wait(gen, interval, self.answer_timeout)
         except psycopg.errors._WaitTimeout:  # what psycopg raises when `timeout` passes
             await self.close()
-            raise psycopg.OperationalError(
-                f"The database did not answer in {self.answer_timeout} s"
-            ) from None
+            silent = f"The database did not answer in {self.answer_timeout} s"
+            raise psycopg.OperationalError(silent) from None
 
 
 database_url = async_database_url(settings.database_url)
