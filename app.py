@@ -2060,13 +2060,9 @@ async def export_everything() -> StreamingResponse:
 
 def malformed(index: int, error: Exception) -> HTTPException:
     """422 saying where: the conversation's index, the field (none: the tree's own)."""
-    problem = (
-        error.errors()[0] if isinstance(error, ValidationError) else {"msg": error}
-    )
-    where = ".".join(map(str, problem.get("loc", ())))
-    return HTTPException(
-        422, f"conversation {index}, {where}{where and ': '}{problem['msg']}"
-    )
+    first = error.errors()[0] if isinstance(error, ValidationError) else {}
+    where, problem = ".".join(map(str, first.get("loc", ()))), first.get("msg", error)
+    return HTTPException(422, f"conversation {index}, {where}{where and ': '}{problem}")
 
 
 async def inserted_ids(
@@ -2117,9 +2113,8 @@ def documents_in(body: bytes) -> Iterator[ExportImport]:
         one_per_line = isinstance(json.loads(first), dict)
     except (ValueError, RecursionError):
         one_per_line = False
-    for index, text in enumerate(
-        itertools.chain([first], lines) if one_per_line else [body]
-    ):
+    texts = itertools.chain([first], lines) if one_per_line else [body]
+    for index, text in enumerate(texts):
         try:
             yield ExportImport.model_validate_json(text)
         except ValidationError as error:
