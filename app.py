@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from html import escape as html_escape
 from ipaddress import ip_address
 from pathlib import Path as FilePath
@@ -75,7 +75,6 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import (
-    EXPORT_FORMAT,
     INT32_MAX,
     MAX_TEXT_CHARS,
     UNSTORABLE,
@@ -109,8 +108,6 @@ from models import (
     ResponseUsage,
     Sampling,
     SearchHit,
-    TurnImport,
-    cleaned_text,
     developer_is_system,
     iso_timestamp,
     storable_piece,
@@ -1846,31 +1843,25 @@ async def list_models() -> dict:
 
 
 # Search, export and import ---------------------------------------------------------------
-# Search runs in the database, on an index written in the same transaction as each turn, so
-# it never drifts from the turns: on SQLite an FTS5 trigram table, on Postgres a pg_trgm GIN
-# index, both over ended turns only (the "search" migration). An index finds a rare term's
-# few hits at once, but all of a common term's, to be sorted newest first; a walk of the
-# newest turns finds a common term's page at once. So the index is asked first only where it
-# can stop early (FTS5), then a window of the newest turns is walked, then the index again.
+# Search runs in the database, on an index written in the same transaction as each turn (the
+# "search" migration): SQLite's FTS5 trigram table, Postgres's pg_trgm GIN index, both over
+# ended turns only. An index finds a rare term's few hits at once, but a common term's all,
+# to be sorted; a walk of the newest turns finds a common term's page at once. So FTS5, which
+# can stop early, is asked first; then a window of the newest turns; then the index.
 
-# Reads that need no snapshot across statements: on Postgres no BEGIN and ROLLBACK round
-# trips. (SQLite's driver begins no transaction for a SELECT; switching its mode would cost
-# two trips to aiosqlite's thread.)
+# Postgres: reads in autocommit, without BEGIN and ROLLBACK round trips.
 reader = engine if is_sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
-MAX_QUERY_CHARS = 1000
 MAX_TERMS = 32
 TERM = re.compile(r'"([^"]*)"|\S+')  # a quoted phrase, or a run of non-space
 WHITESPACE = re.compile(r"\s+")
 SNIPPET_CHARS = 200
-WINDOW_PER_HIT = 10  # turns walked for each hit of the page before the index is asked
+WINDOW_PER_HIT = 10  # newest turns walked for each hit of the page
 FEW_HITS = 200  # SQLite: fewer in the index, and they are the whole answer
-NEWEST = (col(Message.created_at).desc(), col(Message.id).desc())
-# As the partial indexes say it: SQLAlchemy writes `live = 0` on SQLite, which SQLite does
-# not see implies `NOT live`, and then uses neither index.
+# As the partial indexes say it: SQLite does not see that `live = 0` implies `NOT live`.
 ENDED = sql("NOT messages.live")
 
 
-def search_terms(q: Annotated[str, Query(max_length=MAX_QUERY_CHARS)]) -> list[str]:
+def search_terms(q: Annotated[str, Query(max_length=1000)]) -> list[str]:
     """`q` split at whitespace, quoted phrases kept whole, `""` ignored; no term: `q` itself."""
     if not q.strip():
         raise HTTPException(422, "q must hold something to find")
@@ -1887,75 +1878,61 @@ def holds(column: Any, term: str) -> Any:
     """`term` occurs in the column, ASCII case ignored; LIKE's wildcards are only text."""
     pattern = "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
     # SQLite's LIKE ignores ASCII case; SQLAlchemy's ilike() there would lower() every text.
-    like = column.like if is_sqlite else column.ilike
-    return like(pattern, escape="\\")
-
-
-def turn_holds(turn: Any, terms: list[str]) -> Any:
-    """Every term in the prompt or the reply, not necessarily the same one."""
-    held = (
-        holds(turn.prompt_content, t) | holds(turn.response_content, t) for t in terms
-    )
-    return and_(*held)
+    return (column.like if is_sqlite else column.ilike)(pattern, escape="\\")
 
 
 def fts_rowids(terms: list[str]) -> Any:
-    """SQLite: the turns the FTS5 index holds every term of 3 characters or more in (a
-    trigram needs 3: shorter terms are checked on each turn, and alone make a scan)."""
+    """SQLite: the turns FTS5 holds every term of 3 characters or more in (a trigram's
+    length: shorter terms are checked on each turn)."""
     phrases = ['"' + t.replace('"', '""') + '"' for t in terms if len(t) >= 3]
     if not is_sqlite or not phrases:
         return None
-    fts = select(sa_column("rowid")).select_from(sa_table("messages_fts"))
-    return fts.where(
-        sql("messages_fts MATCH :match").bindparams(match=" AND ".join(phrases))
-    )
+    match = sql("messages_fts MATCH :match").bindparams(match=" AND ".join(phrases))
+    return select(sa_column("rowid")).select_from(sa_table("messages_fts")).where(match)
 
 
 async def turn_hits(
     session: AsyncSession, terms: list[str], skip: int, take: int
 ) -> list[tuple[Message, Conversation]]:
     async def page(turn: Any, *narrowed: Any) -> list[tuple[Message, Conversation]]:
-        query = select(turn, Conversation).join(
-            Conversation, col(Conversation.id) == turn.conversation_id
+        every_term = (
+            holds(turn.prompt_content, t) | holds(turn.response_content, t)
+            for t in terms
         )
-        query = query.where(*narrowed, turn_holds(turn, terms))
-        order = (col(turn.created_at).desc(), col(turn.id).desc())
+        query = select(turn, Conversation).where(*narrowed, *every_term)
+        query = query.join(Conversation, col(Conversation.id) == turn.conversation_id)
+        newest = (col(turn.created_at).desc(), col(turn.id).desc())
         return (
-            await session.exec(query.order_by(*order).offset(skip).limit(take))
+            await session.exec(query.order_by(*newest).offset(skip).limit(take))
         ).all()
 
     indexed = fts_rowids(terms)
-    if indexed is not None:  # FTS5 stops at a LIMIT: a rare term's hits come at once
+    if indexed is not None:
         few = (await session.exec(indexed.limit(FEW_HITS))).all()
         if len(few) < FEW_HITS:
             return await page(Message, col(Message.id).in_(few))
-    # Without a term of 3 characters no index helps: on Postgres larger windows before a
-    # scan (SQLite's plan for the last query below walks the turns newest first itself).
+    # With no term of 3 characters no index helps Postgres: larger windows before a scan.
     first = min(5000, WINDOW_PER_HIT * (skip + take))
-    walk = is_sqlite or any(len(term) >= 3 for term in terms)
-    for size in (first,) if walk else (first, 8 * first, 64 * first):
-        window = select(Message).where(ENDED).order_by(*NEWEST).limit(size)
-        newest = await page(aliased(Message, window.subquery()))
-        if len(newest) == take:  # the page's hits are all among the newest turns
+    no_index = not is_sqlite and all(len(term) < 3 for term in terms)
+    for size in (first, 8 * first, 64 * first) if no_index else (first,):
+        window = select(Message).where(ENDED)
+        window = window.order_by(col(Message.created_at).desc(), col(Message.id).desc())
+        newest = await page(aliased(Message, window.limit(size).subquery()))
+        if len(newest) == take:
             return newest
-    # On Postgres the planner takes the GIN index for turn_holds() itself.
-    in_the_index = true() if indexed is None else col(Message.id).in_(indexed)
-    return await page(Message, ENDED, in_the_index)
+    # Postgres's planner takes the GIN index for the LIKEs itself.
+    return await page(
+        Message, ENDED, true() if indexed is None else col(Message.id).in_(indexed)
+    )
 
 
 def snippet(text: str, found: re.Pattern) -> str | None:
     """At most SNIPPET_CHARS around the first match, whitespace made single spaces."""
-    match = found.search(text)
-    if match is None:
+    if (match := found.search(text)) is None:
         return None
-    start = match.start()
-    length = len(WHITESPACE.sub(" ", match.group()))
+    start, room = match.start(), SNIPPET_CHARS - len(WHITESPACE.sub(" ", match.group()))
     before = WHITESPACE.sub(" ", text[max(0, start - SNIPPET_CHARS) : start])
-    lead = (
-        before[len(before) - max(0, SNIPPET_CHARS - length) // 2 :]
-        if length < SNIPPET_CHARS
-        else ""
-    )
+    lead = before[max(0, len(before) - max(0, room) // 2) :]
     rest = WHITESPACE.sub(" ", text[start : start + 2 * SNIPPET_CHARS])
     return (lead + rest)[:SNIPPET_CHARS].strip()
 
@@ -1966,45 +1943,41 @@ async def search(
     skip: Skip = 0,
     take: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> list[SearchHit]:
+    """Title hits first, then turn hits; `skip` counts across both."""
     if any(UNSTORABLE.search(term) for term in terms):
         return []  # no stored text holds a NUL or a lone surrogate
-    async with AsyncSession(reader) as session:
-        return await hits_for(session, terms, skip, take)
-
-
-async def hits_for(
-    session: AsyncSession, terms: list[str], skip: int, take: int
-) -> list[SearchHit]:
     titled = and_(*(holds(Conversation.title, term) for term in terms))
-    query = (
-        select(Conversation)
-        .where(titled)
-        .order_by(col(Conversation.updated_at).desc(), col(Conversation.id).desc())
-    )
-    titles = (await session.exec(query.offset(skip).limit(take))).all()
-    titles_found = skip + len(titles)  # when the page of titles has room left
-    if skip and not titles:  # the page is past the titles: how many were there?
-        titles_found = (await session.exec(select(func.count()).where(titled))).one()
-    hits = [SearchHit(conversation=c, message=None, snippet=c.title) for c in titles]
-    if len(hits) < take:
+    activity = (col(Conversation.updated_at).desc(), col(Conversation.id).desc())
+    query = select(Conversation).where(titled).order_by(*activity)
+    async with AsyncSession(reader) as session:
+        titles = (await session.exec(query.offset(skip).limit(take))).all()
+        hits = [
+            SearchHit(conversation=c, message=None, snippet=c.title) for c in titles
+        ]
+        if len(hits) == take:
+            return hits
+        titles_found = skip + len(titles)
+        if skip and not titles:  # the page is past the titles: how many were there?
+            titles_found = (
+                await session.exec(select(func.count()).where(titled))
+            ).one()
         turns = await turn_hits(
             session, terms, max(0, skip - titles_found), take - len(hits)
         )
-        found = re.compile("|".join(map(re.escape, terms)), re.IGNORECASE)
-        for turn, conversation in turns:
-            shown = snippet(turn.prompt_content, found) or snippet(
-                turn.response_content, found
-            )
-            hits.append(
-                SearchHit(conversation=conversation, message=turn, snippet=shown or "")
-            )
+    found = re.compile("|".join(map(re.escape, terms)), re.IGNORECASE)
+    for turn, conversation in turns:
+        shown = snippet(turn.prompt_content, found) or snippet(
+            turn.response_content, found
+        )
+        hits.append(
+            SearchHit(conversation=conversation, message=turn, snippet=shown or "")
+        )
     return hits
 
 
 # Export and import: a conversation is one object (format chat-backend/1) with every turn of
-# every branch; GET /export streams one per line (NDJSON), a conversation read at a time, so
-# its memory does not grow with the database. POST /import takes that back, or ChatGPT's data
-# export mapped to it, in one transaction: all of it is stored, or nothing.
+# every branch. POST /import takes it back, or ChatGPT's data export mapped to it, in one
+# transaction: all of it is stored, or nothing.
 
 
 async def conversation_export(
@@ -2063,7 +2036,8 @@ async def export_conversation(
 
 
 async def export_lines(page_size: int = 100) -> AsyncIterator[bytes]:
-    """Oldest conversation first; a session per read, so no connection is held between."""
+    """Oldest conversation first, one read at a time: memory does not grow with the
+    database, and no connection is held between reads."""
     after, oldest = None, (col(Conversation.created_at), col(Conversation.id))
     while True:
         query = select(Conversation.created_at, Conversation.id).order_by(*oldest)
@@ -2090,42 +2064,25 @@ async def export_everything() -> StreamingResponse:
     return StreamingResponse(export_lines(), media_type="application/x-ndjson")
 
 
-def malformed(index: int, error: ValidationError | ValueError) -> HTTPException:
+def malformed(index: int, error: Exception) -> HTTPException:
     """422 saying where: the conversation's index, the field (none: the tree's own)."""
-    problem = (
-        error.errors()[0] if isinstance(error, ValidationError) else {"msg": error}
-    )
-    where = ".".join(map(str, problem.get("loc", ())))
-    return HTTPException(
-        422, f"conversation {index}, {where}{where and ': '}{problem['msg']}"
-    )
-
-
-def stored_row(record: SQLModel, exclude: set[str], **values: Any) -> dict:
-    row = record.model_dump(exclude=exclude) | values
-    return row | {t: row[t].astimezone(UTC) for t in ("created_at", "updated_at")}
-
-
-def turn_row(
-    turn: TurnImport, conversation_id: int, parent_id: int | None, on_branch: bool
-) -> dict:
-    failed = {"is_success": False, "status_code": 500} if turn.live else {}
-    links = {"conversation_id": conversation_id, "parent_id": parent_id}
-    return stored_row(turn, {"id", "live"}, **failed, **links, on_branch=on_branch)
+    first = error.errors()[0] if isinstance(error, ValidationError) else {}
+    where, problem = ".".join(map(str, first.get("loc", ()))), first.get("msg", error)
+    return HTTPException(422, f"conversation {index}, {where}{where and ': '}{problem}")
 
 
 async def inserted_ids(
     session: AsyncSession, table: type[SQLModel], rows: list
 ) -> list:
-    if not rows:
-        return []
     query = insert(table).returning(table.id, sort_by_parameter_order=True)
-    return list((await session.exec(query, params=rows)).scalars())
+    return list((await session.exec(query, params=rows)).scalars()) if rows else []
 
 
 async def store_imports(session: AsyncSession, batch: list[ExportImport]) -> list[int]:
     """Conversations first, then their turns a depth at a time, each after its parent."""
-    heads = [stored_row(document.conversation, {"leaf_id"}) for document in batch]
+    heads = [
+        document.conversation.model_dump(exclude={"leaf_id"}) for document in batch
+    ]
     conversation_ids = await inserted_ids(session, Conversation, heads)
     levels = [document.turn_levels() for document in batch]
     branches = [document.active_branch() for document in batch]
@@ -2135,9 +2092,11 @@ async def store_imports(session: AsyncSession, batch: list[ExportImport]) -> lis
         for at, conversation_id in enumerate(conversation_ids):
             for turn in levels[at][depth] if depth < len(levels[at]) else []:
                 keys.append((at, turn.id))
-                parent_id = new_ids.get((at, turn.parent_id))
-                on_branch = turn.id in branches[at]
-                rows.append(turn_row(turn, conversation_id, parent_id, on_branch))
+                rows.append(turn.model_dump(exclude={"id", "live"}) | {
+                    "conversation_id": conversation_id,
+                    "parent_id": new_ids.get((at, turn.parent_id)),
+                    "on_branch": turn.id in branches[at],
+                })  # fmt: skip
         new_ids.update(
             zip(keys, await inserted_ids(session, Message, rows), strict=True)
         )
@@ -2149,14 +2108,7 @@ async def store_imports(session: AsyncSession, batch: list[ExportImport]) -> lis
     return conversation_ids
 
 
-def our_document(index: int, data: bytes) -> ExportImport:
-    try:
-        return ExportImport.model_validate_json(data)
-    except ValidationError as error:
-        raise malformed(index, error) from None
-
-
-def documents_in(body: bytes) -> Iterator[tuple[int, ExportImport]]:
+def documents_in(body: bytes) -> Iterator[ExportImport]:
     """ChatGPT's array; our NDJSON, a line at a time; or one export object, whole."""
     if re.match(rb"\s*\[", body):
         yield from chatgpt_documents(body)
@@ -2167,14 +2119,15 @@ def documents_in(body: bytes) -> Iterator[tuple[int, ExportImport]]:
         one_per_line = isinstance(json.loads(first), dict)
     except (ValueError, RecursionError):
         one_per_line = False
-    if not one_per_line:
-        yield 0, our_document(0, body)
-        return
-    for index, line in enumerate(itertools.chain([first], lines)):
-        yield index, our_document(index, line)
+    texts = itertools.chain([first], lines) if one_per_line else [body]
+    for index, text in enumerate(texts):
+        try:
+            yield ExportImport.model_validate_json(text)
+        except ValidationError as error:
+            raise malformed(index, error) from None
 
 
-def chatgpt_documents(body: bytes) -> Iterator[tuple[int, ExportImport]]:
+def chatgpt_documents(body: bytes) -> Iterator[ExportImport]:
     try:
         items = json.loads(body)  # unlike pydantic's parser, it keeps lone surrogates
     except (ValueError, RecursionError) as error:
@@ -2182,39 +2135,11 @@ def chatgpt_documents(body: bytes) -> Iterator[tuple[int, ExportImport]]:
     for index, item in enumerate(items):
         try:
             chat = ChatGPTConversation.model_validate(item)
-        except ValidationError as error:
+            document = chat.as_export(settings.default_model, short_title)
+            document = ExportImport.model_validate(document)
+        except (ValueError, OverflowError, OSError) as error:  # OS: a time out of range
             raise malformed(index, error) from None
-        yield index, from_chatgpt(index, chat)
-
-
-def chatgpt_time(seconds: float | None, otherwise: datetime) -> datetime:
-    return otherwise if seconds is None else datetime.fromtimestamp(seconds, UTC)
-
-
-def from_chatgpt(index: int, chat: ChatGPTConversation) -> ExportImport:
-    try:
-        turns, leaf = chat.turns()
-        created = chatgpt_time(chat.create_time, utc_now())
-        updated = chatgpt_time(chat.update_time, created)
-        for turn in turns:
-            turn["created_at"] = chatgpt_time(turn["created_at"], created)
-            turn["updated_at"] = chatgpt_time(turn["updated_at"], updated)
-    except (ValueError, OverflowError, OSError) as error:
-        raise malformed(index, ValueError(error)) from None
-    model_type = chat.default_model_slug or chat.newest_model_slug()
-    first_prompt = next((t["prompt_content"] for t in turns if t["prompt_content"]), "")
-    title = cleaned_text(chat.title or "")[:200].strip() or short_title(first_prompt)
-    conversation = {"title": title, "model_type": model_type or settings.default_model}
-    conversation |= {"leaf_id": leaf, "created_at": created, "updated_at": updated}
-    document = {
-        "format": EXPORT_FORMAT,
-        "conversation": conversation,
-        "messages": turns,
-    }
-    try:
-        return ExportImport.model_validate(document)
-    except ValidationError as error:
-        raise malformed(index, error) from None
+        yield document
 
 
 # The body is read whole, and refused (413) before that when over MAX_IMPORT_BYTES.
@@ -2233,7 +2158,7 @@ BODIES["application/x-ndjson"] = {"schema": {"type": "string"}}  # or ChatGPT's 
 )
 async def import_conversations(request: Request, session: SessionDep) -> ImportResult:
     ids, batch, turns = [], [], 0
-    for _, document in documents_in(await request.body()):  # a 422 stores nothing
+    for document in documents_in(await request.body()):  # a 422 stores nothing
         batch.append(document)
         turns += len(document.messages)
         if turns >= IMPORT_BATCH_TURNS:

@@ -2,6 +2,7 @@
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -376,7 +377,9 @@ class ConversationExport(SQLModel):
 
 
 # A datetime is text in JSON: strict mode would refuse it (SQLModel validates JSON as Python).
-ImportedTime = Annotated[AwareDatetime, Strict(False)]
+ImportedTime = Annotated[
+    AwareDatetime, Strict(False), AfterValidator(lambda time: time.astimezone(UTC))
+]
 
 # An import reads our export back (strict, as every JSON body), and ChatGPT's data export is
 # mapped to the same shapes, so both pass the same checks. Ids are the file's own: they link
@@ -390,6 +393,13 @@ class TurnImport(MessageBase):
     live: bool = False
     created_at: ImportedTime
     updated_at: ImportedTime
+
+    @model_validator(mode="after")
+    def never_live(self) -> "TurnImport":
+        """Nothing goes on writing an imported turn: one exported live comes back failed."""
+        if self.live:
+            self.is_success, self.status_code = False, 500
+        return self
 
 
 class ConversationImport(ConversationBase):
@@ -578,6 +588,33 @@ class ChatGPTConversation(BaseModel):
         if current is not None and current not in nodes:
             raise ValueError(f"current_node: no node {current!r}")
         return turns, turn_of.get(current if texts.get(current) else above.get(current))
+
+    def as_export(self, default_model: str, untitled: Callable[[str], str]) -> dict:
+        """In our export's shape, for ExportImport to check. A null time is the
+        conversation's; a missing title is `untitled(first prompt)`."""
+        turns, leaf = self.turns()
+        created = from_seconds(self.create_time, utc_now())
+        updated = from_seconds(self.update_time, created)
+        for turn in turns:
+            turn["created_at"] = from_seconds(turn["created_at"], created)
+            turn["updated_at"] = from_seconds(turn["updated_at"], updated)
+        first_prompt = next(
+            (t["prompt_content"] for t in turns if t["prompt_content"]), ""
+        )
+        conversation = {
+            "title": cleaned_text(self.title or "")[:200].strip() or untitled(first_prompt),
+            "model_type": self.default_model_slug or self.newest_model_slug() or default_model,
+            "leaf_id": leaf, "created_at": created, "updated_at": updated,
+        }  # fmt: skip
+        return {
+            "format": EXPORT_FORMAT,
+            "conversation": conversation,
+            "messages": turns,
+        }
+
+
+def from_seconds(seconds: float | None, otherwise: datetime) -> datetime:
+    return otherwise if seconds is None else datetime.fromtimestamp(seconds, UTC)
 
 
 class ImportResult(SQLModel):
