@@ -227,10 +227,8 @@ if not is_sqlite:
 
     @event.listens_for(engine.sync_engine, "checkout")
     def closed_by_the_server(connection: Any, record: Any, proxy: Any) -> None:
-        """The pool would hand out connections the server has closed since (a restart, a
-        failover, pg_terminate_backend). The server says goodbye as it closes one, so an idle
-        connection with something to read is closed: the pool replaces it, and no request
-        fails. (A cheaper pool_pre_ping: a look at the socket, not a round trip.)"""
+        """An idle connection with something to read was closed by the server (a restart,
+        pg_terminate_backend): the pool replaces it. A pool_pre_ping without a round trip."""
         if readable([record.driver_connection.fileno()], [], [], 0)[0]:
             raise exc.DisconnectionError("closed by the server")
 
@@ -242,10 +240,8 @@ if is_sqlite:
         cursor = dbapi_connection.cursor()
         # Without it SQLite ignores ON DELETE CASCADE.
         cursor.execute("PRAGMA foreign_keys = ON")
-        # Readers and the writer do not block each other. The mode is kept in the file; when
-        # several processes switch a new file at once, SQLite refuses some of them at once
-        # ("database is locked", without waiting): they try again. (It blocks the event loop,
-        # for milliseconds, only on a new file.)
+        # Readers and the writer do not block each other. Several processes switching a new
+        # file at once are refused at once ("database is locked", without waiting): retry.
         for attempt in range(50):
             try:
                 cursor.execute("PRAGMA journal_mode = WAL")
@@ -353,9 +349,8 @@ def upstream_error(error: openai.APIStatusError) -> str:
 
 
 # Stopping live work on shutdown ----------------------------------------------------------
-# Uvicorn waits for open streams before it shuts down, so a long reply would hold a restart.
-# On SIGTERM/SIGINT the app cancels its live work: each reply stores what it has (503) and
-# tells its clients, and their streams end.
+# Uvicorn waits for open streams before it shuts down, so a long reply would hold a restart:
+# on SIGTERM/SIGINT each reply stores what it has (503) and tells its clients.
 
 live_work: set[anyio.CancelScope] = set()
 stopping = False
@@ -2502,9 +2497,8 @@ PAGE = FilePath(__file__).with_name("static") / "index.html"
 def csp_hash(tag: str, html: str) -> str:
     """The CSP source for the page's one inline <script> or <style>: inline handlers never run."""
     body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL).group(1)
-    return (
-        f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
-    )
+    digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    return f"'sha256-{digest}'"
 
 
 def page_response() -> tuple[bytes, dict[str, str]]:
