@@ -653,7 +653,7 @@ async def delete_conversation(
 
 
 async def find_message(message_id: MessageId, session: SessionDep) -> Message:
-    message = await session.get(Message, message_id)
+    message = await session.get(Message, message_id, populate_existing=True)
     if message is None:
         raise HTTPException(404, "Message not found")
     return message
@@ -664,17 +664,13 @@ MessageDep = Annotated[Message, Depends(find_message)]
 
 async def touch_conversation(
     session: AsyncSession, conversation_id: int, at: datetime | None = None
-) -> None:
-    """A change to a conversation's messages is activity in that conversation.
-
-    Lock the conversation before its message, as a DELETE of the conversation does, or the
-    two wait for each other (Postgres ends that deadlock by failing one).
-    """
-    await session.exec(
-        update(Conversation)
-        .where(col(Conversation.id) == conversation_id)
-        .values(updated_at=at or utc_now())
-    )
+) -> Any:
+    """A change to a conversation's messages is activity in it. This locks the conversation
+    before its message, as a DELETE of the conversation does, or Postgres fails one of them.
+    The row of its leaf_id, or None when it is gone."""
+    touch = update(Conversation).where(col(Conversation.id) == conversation_id)
+    touch = touch.values(updated_at=at or utc_now()).returning(Conversation.leaf_id)
+    return (await session.exec(touch)).first()
 
 
 @api.get("/conversations/{conversation_id}/messages")
@@ -685,7 +681,6 @@ async def list_messages(
     take: Take = 100,
     all: bool = False,
 ) -> list[MessagePublic]:
-    """The active branch, first turn first; with all=true every turn of every branch."""
     query = select(Message).where(Message.conversation_id == conversation.id)
     if not all:
         query = query.where(col(Message.on_branch))  # an index of the branch's turns
@@ -699,6 +694,7 @@ async def create_message(
 ) -> MessagePublic:
     message = Message.model_validate(body, update={"conversation_id": conversation.id})
     await store_turn(session, conversation, message)
+    await session.commit()
     return message
 
 
@@ -721,17 +717,12 @@ async def replace_message(
 
 @api.delete("/messages/{message_id}", status_code=204)
 async def delete_message(message: MessageDep, session: SessionDep) -> None:
-    """The turns that followed it follow its parent; a leaf gives way to its parent."""
     conversation = await locked_conversation(session, message.conversation_id)
     conversation.updated_at = utc_now()
     # Read again under the lock: its parent may have been deleted since.
-    message = await session.get(Message, message.id, populate_existing=True)
-    if message is None:
-        raise HTTPException(404, "Message not found")
-    following = col(Message.parent_id) == message.id
-    await session.exec(
-        update(Message).where(following).values(parent_id=message.parent_id)
-    )
+    message = await find_message(message.id, session)
+    following = update(Message).where(col(Message.parent_id) == message.id)
+    await session.exec(following.values(parent_id=message.parent_id))
     if conversation.leaf_id == message.id:
         conversation.leaf_id = message.parent_id  # on the branch already
     await session.delete(message)
@@ -789,14 +780,11 @@ async def move_leaf(
 async def store_turn(
     session: AsyncSession, conversation: Conversation, message: Message
 ) -> None:
-    """Store a new turn after the conversation's leaf as it is now, as the new leaf, and
-    commit. The row is locked first: turns stored at once follow one another."""
-    if conversation.id is None:
-        session.add(conversation)
-        await session.flush()  # a new conversation gets its id
-    lock = update(Conversation).where(col(Conversation.id) == conversation.id)
-    lock = lock.values(updated_at=utc_now()).returning(Conversation.leaf_id)
-    if (leaf := (await session.exec(lock)).first()) is None:
+    """Add a new turn after the conversation's leaf as it is now, as the new leaf; the caller
+    commits. The row is locked first: turns stored at once follow one another."""
+    session.add(conversation)
+    await session.flush()  # a new conversation gets its id
+    if (leaf := await touch_conversation(session, conversation.id)) is None:
         raise HTTPException(404, "Conversation not found")  # deleted meanwhile
     message.created_at = utc_now()  # in the order they follow one another
     message.conversation_id, message.parent_id = conversation.id, leaf.leaf_id
@@ -804,15 +792,12 @@ async def store_turn(
     session.add(message)
     await session.flush()  # its id
     conversation.leaf_id, conversation.updated_at = message.id, message.created_at
-    await session.commit()
 
 
 async def recent_successful_turns(
     session: AsyncSession, conversation_id: int
 ) -> list[tuple[str, str]]:
     """The active branch's last HISTORY_TURNS successful (prompt, reply) pairs, oldest first."""
-    if settings.history_turns == 0:
-        return []
     query = (
         select(Message.prompt_content, Message.response_content)
         .where(Message.conversation_id == conversation_id, col(Message.on_branch))
@@ -1184,6 +1169,7 @@ async def start_reply(
     message.updated_at = database_clock()
     try:
         await store_turn(session, conversation, message)
+        await session.commit()
     except BaseException:
         reply_places.release()
         if opening:
