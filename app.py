@@ -641,7 +641,7 @@ async def delete_conversation(
 
 
 async def find_message(message_id: MessageId, session: SessionDep) -> Message:
-    message = await session.get(Message, message_id)
+    message = await session.get(Message, message_id, populate_existing=True)
     if message is None:
         raise HTTPException(404, "Message not found")
     return message
@@ -652,17 +652,13 @@ MessageDep = Annotated[Message, Depends(find_message)]
 
 async def touch_conversation(
     session: AsyncSession, conversation_id: int, at: datetime | None = None
-) -> None:
-    """A change to a conversation's messages is activity in that conversation.
-
-    Lock the conversation before its message, as a DELETE of the conversation does, or the
-    two wait for each other (Postgres ends that deadlock by failing one).
-    """
-    await session.exec(
-        update(Conversation)
-        .where(col(Conversation.id) == conversation_id)
-        .values(updated_at=at or utc_now())
-    )
+) -> Any:
+    """A change to a conversation's messages is activity in it. This locks the conversation
+    before its message, as a DELETE of the conversation does, or Postgres fails one of them.
+    The row of its leaf_id, or None when it is gone."""
+    touch = update(Conversation).where(col(Conversation.id) == conversation_id)
+    touch = touch.values(updated_at=at or utc_now()).returning(Conversation.leaf_id)
+    return (await session.exec(touch)).first()
 
 
 @api.get("/conversations/{conversation_id}/messages")
@@ -673,7 +669,6 @@ async def list_messages(
     take: Take = 100,
     all: bool = False,
 ) -> list[MessagePublic]:
-    """The active branch, first turn first; with all=true every turn of every branch."""
     query = select(Message).where(Message.conversation_id == conversation.id)
     if not all:
         query = query.where(col(Message.on_branch))  # an index of the branch's turns
@@ -687,6 +682,7 @@ async def create_message(
 ) -> MessagePublic:
     message = Message.model_validate(body, update={"conversation_id": conversation.id})
     await store_turn(session, conversation, message)
+    await session.commit()
     return message
 
 
@@ -709,17 +705,12 @@ async def replace_message(
 
 @api.delete("/messages/{message_id}", status_code=204)
 async def delete_message(message: MessageDep, session: SessionDep) -> None:
-    """The turns that followed it follow its parent; a leaf gives way to its parent."""
     conversation = await locked_conversation(session, message.conversation_id)
     conversation.updated_at = utc_now()
     # Read again under the lock: its parent may have been deleted since.
-    message = await session.get(Message, message.id, populate_existing=True)
-    if message is None:
-        raise HTTPException(404, "Message not found")
-    following = col(Message.parent_id) == message.id
-    await session.exec(
-        update(Message).where(following).values(parent_id=message.parent_id)
-    )
+    message = await find_message(message.id, session)
+    following = update(Message).where(col(Message.parent_id) == message.id)
+    await session.exec(following.values(parent_id=message.parent_id))
     if conversation.leaf_id == message.id:
         conversation.leaf_id = message.parent_id  # on the branch already
     await session.delete(message)
@@ -777,14 +768,11 @@ async def move_leaf(
 async def store_turn(
     session: AsyncSession, conversation: Conversation, message: Message
 ) -> None:
-    """Store a new turn after the conversation's leaf as it is now, as the new leaf, and
-    commit. The row is locked first: turns stored at once follow one another."""
-    if conversation.id is None:
-        session.add(conversation)
-        await session.flush()  # a new conversation gets its id
-    lock = update(Conversation).where(col(Conversation.id) == conversation.id)
-    lock = lock.values(updated_at=utc_now()).returning(Conversation.leaf_id)
-    if (leaf := (await session.exec(lock)).first()) is None:
+    """Add a new turn after the conversation's leaf as it is now, as the new leaf; the caller
+    commits. The row is locked first: turns stored at once follow one another."""
+    session.add(conversation)
+    await session.flush()  # a new conversation gets its id
+    if (leaf := await touch_conversation(session, conversation.id)) is None:
         raise HTTPException(404, "Conversation not found")  # deleted meanwhile
     message.created_at = utc_now()  # in the order they follow one another
     message.conversation_id, message.parent_id = conversation.id, leaf.leaf_id
@@ -792,15 +780,12 @@ async def store_turn(
     session.add(message)
     await session.flush()  # its id
     conversation.leaf_id, conversation.updated_at = message.id, message.created_at
-    await session.commit()
 
 
 async def recent_successful_turns(
     session: AsyncSession, conversation_id: int
 ) -> list[tuple[str, str]]:
     """The active branch's last HISTORY_TURNS successful (prompt, reply) pairs, oldest first."""
-    if settings.history_turns == 0:
-        return []
     query = (
         select(Message.prompt_content, Message.response_content)
         .where(Message.conversation_id == conversation_id, col(Message.on_branch))
@@ -1172,6 +1157,7 @@ async def start_reply(
     message.updated_at = database_clock()
     try:
         await store_turn(session, conversation, message)
+        await session.commit()
     except BaseException:
         reply_places.release()
         if opening:
@@ -1600,16 +1586,12 @@ def final_event(
 
 
 # OpenAI-compatible front -----------------------------------------------------------------
-# /v1/models and /v1/chat/completions, so that any OpenAI client (the SDKs, LangChain, Open
-# WebUI) can use the service as its model server. Each call is a turn, stored and run as any
-# other (a live reply: checkpointed, stoppable, finished when its client leaves), but the
-# model gets exactly the call's messages: the caller owns the context.
-#
-# Threading: OpenAI clients resend the whole history with each call. A turn a call stores
-# gets, when it ends well, its path: the hash of the call's messages plus the reply (indexed).
-# A call continues after the newest turn whose path is its messages before the last, so a
-# regenerated reply or an edited message resent by the client adds a branch at that point, and
-# a call that failed leaves the turn it followed as it was, for the retry.
+# /v1/models and /v1/chat/completions: any OpenAI client (the SDKs, LangChain, Open WebUI) can
+# use the service as its model server. A call is a turn run as any other, but the model gets
+# exactly the call's messages. OpenAI clients resend the whole history each time: a turn that
+# ends well keeps its path (the hash of the call's messages and its reply, indexed), and a call
+# follows the newest turn whose path is its messages before the last, so a regenerated reply
+# or an edited message adds a branch there, and a failed call leaves that turn as it was.
 
 
 def path_key(messages: list[tuple[str, str]]) -> str:
@@ -1618,15 +1600,10 @@ def path_key(messages: list[tuple[str, str]]) -> str:
     return hashlib.sha256(json.dumps(stripped).encode()).hexdigest()
 
 
-# Passed on to the model; any other field of a request is ignored.
-SAMPLING = set(Sampling.model_fields)
-
-
 async def continued_turn(
     session: AsyncSession, history: list[tuple[str, str]]
 ) -> Conversation | None:
-    """The conversation of the newest turn whose path is `history`, locked, that turn its
-    leaf."""
+    """The newest turn whose path is `history`: its conversation, locked, it the leaf."""
     newest = (
         select(Message.id, Message.conversation_id)
         .where(Message.path_hash == path_key(history))
@@ -1664,46 +1641,19 @@ async def new_thread(
     session: AsyncSession, messages: list[tuple[str, str]], model: str
 ) -> Conversation:
     """A new conversation for a call whose history is no path here: its earlier pairs become
-    its first turns, as given, each after the one before, with its path."""
+    its first turns, as given, each with its path (committed with the call's turn)."""
     first = next(text for role, text in messages if role == "user")
     conversation = Conversation(title=short_title(first), model_type=model)
-    session.add(conversation)
-    await session.flush()  # the conversation's id, for its turns
     for prompt, reply, end in earlier_turns(messages[:-1]):
         turn = Message(
-            conversation_id=conversation.id,
-            parent_id=conversation.leaf_id,
             prompt_content=prompt,
             response_content=reply,
             is_success=True,
             status_code=200,
-            on_branch=True,
             path_hash=path_key(messages[: end + 1]),
         )
-        session.add(turn)
-        await session.flush()  # its id, for the next one to follow
-        conversation.leaf_id = turn.id
+        await store_turn(session, conversation, turn)
     return conversation
-
-
-async def start_call(
-    call: ChatRequest, conversation_id: int | None, session: AsyncSession
-) -> LiveReply:
-    """Store a /v1 call as a turn after the one it continues (or in a new conversation), and
-    start its reply."""
-    prompt_within_limit(call.messages[-1].content, ("body", "messages"))
-    messages = [(message.role, message.content) for message in call.messages]
-    if conversation_id is not None:
-        conversation = await find_conversation(conversation_id, session)
-    elif not (conversation := await continued_turn(session, messages[:-1])):
-        conversation = await new_thread(session, messages, call.model)
-    conversation.model_type = call.model
-    prompt = Message(prompt_content=messages[-1][1], response_content="", live=True)
-    to_model = [{"role": role, "content": text} for role, text in messages]
-    sampling = call.model_dump(include=SAMPLING, exclude_none=True)
-    return await start_reply(
-        session, conversation, prompt, to_model, sampling, messages
-    )
 
 
 # For the document (/docs): errors under /v1 are not {"detail": ...}, and invalid is 400.
@@ -1720,7 +1670,20 @@ ConversationHeader = Annotated[
 async def chat_completions(
     call: ChatRequest, session: SessionDep, conversation_id: ConversationHeader = None
 ) -> Response:
-    reply = await start_call(call, conversation_id, session)
+    """The call is stored as a turn after the one it continues (or in a new conversation)."""
+    prompt_within_limit(call.messages[-1].content, ("body", "messages"))
+    messages = [(message.role, message.content) for message in call.messages]
+    if conversation_id is not None:
+        conversation = await find_conversation(conversation_id, session)
+    elif not (conversation := await continued_turn(session, messages[:-1])):
+        conversation = await new_thread(session, messages, call.model)
+    conversation.model_type = call.model
+    prompt = Message(prompt_content=messages[-1][1], response_content="", live=True)
+    to_model = [{"role": role, "content": text} for role, text in messages]
+    sampling = call.model_dump(include=set(Sampling.model_fields), exclude_none=True)
+    reply = await start_reply(
+        session, conversation, prompt, to_model, sampling, messages
+    )
     headers = turn_headers(reply)
     await answered(reply, bool(call.stream))
     if call.stream and (reply.pieces or reply.status_code == 200):
@@ -1758,25 +1721,25 @@ def usage(message: Message) -> dict | None:
     counts = (message.prompt_tokens, message.response_tokens, message.total_tokens)
     if None in counts:
         return None
-    prompt, response, total = counts
+    names = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return dict(zip(names, counts, strict=True))
+
+
+def completion_head(reply: LiveReply, call: ChatRequest, kind: str) -> dict:
+    """What a chat.completion, and each chunk of a streamed one, starts with."""
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": response,
-        "total_tokens": total,
+        "id": f"chatcmpl-{reply.message_id}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": call.model,
     }
 
 
 def completion(reply: LiveReply, call: ChatRequest) -> dict:
     answer = {"role": "assistant", "content": reply.message.response_content}
     choice = {"index": 0, "message": answer, "finish_reason": reply.finish_reason}
-    return {
-        "id": f"chatcmpl-{reply.message_id}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": call.model,
-        "choices": [choice],
-        "usage": usage(reply.message),
-    }
+    head = completion_head(reply, call, "chat.completion")
+    return {**head, "choices": [choice], "usage": usage(reply.message)}
 
 
 async def completion_chunks(
@@ -1784,12 +1747,7 @@ async def completion_chunks(
 ) -> AsyncIterator[bytes]:
     """The reply as chat.completion.chunk events, then [DONE], or an error if it fails. No
     event names, ids or retry hints: the openai SDK mis-reads a stream that has them."""
-    head = {
-        "id": f"chatcmpl-{reply.message_id}",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": call.model,
-    }
+    head = completion_head(reply, call, "chat.completion.chunk")  # the same in each
 
     def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
@@ -1812,27 +1770,23 @@ MODELS_CACHE_SECONDS = 60
 listed_models: tuple[float, list[str]] = (float("-inf"), [])  # when, and the ids
 
 
-async def upstream_models() -> list[str]:
-    """The model server's models, if it lists them within a second; cached (failures too)."""
+@api.get("/v1/models", responses=OPENAI_ERRORS)
+async def list_models() -> dict:
+    """echo, DEFAULT_MODEL, and the model server's own if it lists them within a second
+    (cached, failures too)."""
     global listed_models
-    listed_at, ids = listed_models
+    listed_at, upstream = listed_models
     if time.monotonic() - listed_at > MODELS_CACHE_SECONDS:
         try:
             with anyio.fail_after(1):
-                ids = [model.id for model in (await llm.models.list()).data]
-        except (openai.APIError, TimeoutError) as error:  # echo and DEFAULT_MODEL do
+                upstream = [model.id for model in (await llm.models.list()).data]
+        except (openai.APIError, TimeoutError) as error:
             logger.warning("The model server lists no models: %s", error)
-            ids = []
-        listed_models = (time.monotonic(), ids)
-    return ids
-
-
-@api.get("/v1/models", responses=OPENAI_ERRORS)
-async def list_models() -> dict:
-    names = dict.fromkeys([ECHO, settings.default_model, *await upstream_models()])
+            upstream = []
+        listed_models = (time.monotonic(), upstream)
     models = [
         {"id": name, "object": "model", "created": 0, "owned_by": "chat-backend"}
-        for name in names
+        for name in dict.fromkeys([ECHO, settings.default_model, *upstream])
     ]
     return {"object": "list", "data": models}
 
