@@ -1461,32 +1461,37 @@ async def follow(
     await session.close()  # hold no connection for the stream's length
     if offset is None:  # the client has the final event already: don't reconnect
         return Response(status_code=204)
-    if reply := live_replies.get(message.id):
-        return event_stream(reply, offset)
-    return event_stream(message, offset)
+    return event_stream(live_replies.get(message.id, message), offset)
 
 
 def event_stream(turn: LiveReply | Message, offset: int) -> EventSourceResponse:
     """The turn's events from `offset`: start, the text past it, the live pieces, the end."""
-    if isinstance(turn, LiveReply):
-        message_id, conversation_id = turn.message_id, turn.conversation_id
-        events = events_in_memory(turn, offset)
-    else:
-        message_id, conversation_id = turn.id, turn.conversation_id
-        events = events_from_the_row(message_id, offset)
+    live = isinstance(turn, LiveReply)
+    message_id = turn.message_id if live else turn.id
+    ids = {"conversation_id": turn.conversation_id, "message_id": message_id}
     headers = {
-        "X-Conversation-Id": str(conversation_id),
+        "X-Conversation-Id": str(turn.conversation_id),
         "X-Message-Id": str(message_id),
         **STREAM_HEADERS,
     }
-    ids = {"conversation_id": conversation_id, "message_id": message_id}
 
-    async def start_then_events() -> AsyncIterator[bytes]:
-        yield sse(ids, "start", f"{message_id}:{offset}", retry=RETRY_MS)
-        async for item in events:
-            yield item
+    async def events(sent: int) -> AsyncIterator[bytes]:
+        yield sse(ids, "start", f"{message_id}:{sent}", retry=RETRY_MS)
+        end = []
+        if live:
+            texts = text_in_memory(turn, sent)
+        else:
+            texts = text_from_the_row(message_id, sent, end)
+        async for text in texts:
+            sent += len(text)
+            piece_id = f"{message_id}:{sent}"
+            yield sse({"content": text}, event_id=piece_id) if text else PING
+        if live:
+            yield final_event(message_id, turn.status_code, turn.detail, turn.message)
+        elif end:
+            yield final_event(message_id, *end[0])
 
-    return EventSourceResponse(start_then_events(), headers=headers)
+    return EventSourceResponse(events(offset), headers=headers)
 
 
 async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
@@ -1513,22 +1518,6 @@ async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
                 yield ""
 
 
-async def events_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[bytes]:
-    async for text in text_in_memory(reply, offset):
-        offset += len(text)
-        yield piece_event(reply.message_id, text, offset) if text else PING
-    yield final_event(reply.message_id, reply.status_code, reply.detail, reply.message)
-
-
-async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[bytes]:
-    end = []
-    async for text in text_from_the_row(message_id, offset, end):
-        offset += len(text)
-        yield piece_event(message_id, text, offset) if text else PING
-    if end:
-        yield final_event(message_id, *end[0])
-
-
 async def text_from_the_row(
     message_id: int, offset: int, end: list[tuple[int, str, Message | None]]
 ) -> AsyncIterator[str]:
@@ -1540,14 +1529,12 @@ async def text_from_the_row(
         # Only the text past what was sent: a long reply is not read whole every poll.
         past_offset = func.substr(Message.response_content, offset + 1)
         query = select(past_offset, Message.live).where(col(Message.id) == message_id)
+        ended = None  # the stored turn, for the final event
         try:
             async with AsyncSession(engine) as session:
                 row = (await session.exec(query)).first()
-                ended = (  # the stored turn, for the final event
-                    await session.get(Message, message_id)
-                    if row and not row.live
-                    else None
-                )
+                if row and not row.live:
+                    ended = await session.get(Message, message_id)
         except DATABASE_ERRORS:
             return
         if row is None:
@@ -1587,10 +1574,6 @@ def sse(
     return format_sse_event(data_str=text, event=event, id=event_id, retry=retry)
 
 
-def piece_event(message_id: int, text: str, offset: int) -> bytes:
-    return sse({"content": text}, event_id=f"{message_id}:{offset}")
-
-
 def how_it_ended(message: Message) -> tuple[int, str]:
     """A stored turn's status and detail, as a follower sees it."""
     if message.is_success is False:
@@ -1604,7 +1587,6 @@ def how_it_ended(message: Message) -> tuple[int, str]:
 def final_event(
     message_id: int, status_code: int, detail: str, message: Message | None
 ) -> bytes:
-    """done, with the message as stored, or an error with its status."""
     end_id = f"{message_id}:end"
     if status_code != 200:
         return sse({"detail": detail, "status_code": status_code}, "error", end_id)
