@@ -862,11 +862,9 @@ class LiveReply:
     length: int = 0  # characters so far
     finish_reason: str | None = None  # why the model stopped, as it said (stop, length)
     usage: dict[str, int | None] = field(default_factory=dict)
-    # Set, and replaced by a new one, on every change: followers wait on it.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    # What ended it before the model did: a stop, a deletion.
-    ended_by: tuple[int, str] | None = None
+    ended_by: tuple[int, str] | None = None  # a stop or a deletion, before the model
     # A /v1 call's messages: with the reply, its turn's path (see "OpenAI-compatible front").
     call: list[tuple[str, str]] | None = None
     # How it ended, once stored: the status (a 503 when it could not be stored), a detail for
@@ -889,14 +887,10 @@ class LiveReply:
 
     def set_usage(self, prompt: Any, response: Any, total: Any) -> None:
         # A model may report anything; a count a column cannot hold is unknown.
-        counts = {
-            "prompt_tokens": prompt,
-            "response_tokens": response,
-            "total_tokens": total,
-        }
+        names = "prompt_tokens", "response_tokens", "total_tokens"
         self.usage = {
             name: value if type(value) is int and 0 <= value <= INT32_MAX else None
-            for name, value in counts.items()
+            for name, value in zip(names, (prompt, response, total), strict=True)
         }
 
     def piece_lengths(self) -> str:
@@ -1007,12 +1001,20 @@ async def store_end(
     reply: LiveReply, status_code: int, detail: str
 ) -> tuple[int, str, Message | None]:
     """Store how the turn ended, retrying a failing database for about 10 s; return the end
-    as stored (another process may have ended it first) and the row."""
+    as stored (another process may have ended it first) and the row (None: deleted)."""
     values = end_values(reply, status_code)
+    live_row = (col(Message.id) == reply.message_id) & col(Message.live)
+    query = update(Message).where(live_row).values(values).returning(Message)
     deadline = time.monotonic() + 10
     while True:
         try:
-            message = await write_end(reply, values)
+            async with AsyncSession(engine, expire_on_commit=False) as session:
+                updated_at = values["updated_at"]
+                await touch_conversation(session, reply.conversation_id, updated_at)
+                message = (await session.exec(query)).scalar_one_or_none()
+                if message is None:  # deleted, or ended by another process's stop
+                    message = await session.get(Message, reply.message_id)
+                await session.commit()
             break
         except DATABASE_ERRORS as error:
             if time.monotonic() > deadline:
@@ -1026,19 +1028,6 @@ async def store_end(
     if message.is_success or message.status_code != status_code:
         status_code, detail = how_it_ended(message)
     return status_code, detail, message
-
-
-async def write_end(reply: LiveReply, values: dict) -> Message | None:
-    """The live row updated with `values`; as it is if it had ended already (None: deleted)."""
-    async with AsyncSession(engine, expire_on_commit=False) as session:
-        await touch_conversation(session, reply.conversation_id, values["updated_at"])
-        live_row = (col(Message.id) == reply.message_id) & col(Message.live)
-        query = update(Message).where(live_row).values(values).returning(Message)
-        message = (await session.exec(query)).scalar_one_or_none()
-        if message is None:  # deleted, or ended by another process's stop
-            message = await session.get(Message, reply.message_id)
-        await session.commit()
-    return message
 
 
 async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
@@ -1057,25 +1046,21 @@ async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
     await session.commit()
 
 
-async def close_dead_turns() -> None:
-    """End live turns whose row has not been written for DEAD_TURN_SECONDS: their process died."""
-    silent_since = database_clock() - timedelta(seconds=settings.dead_turn_seconds)
-    query = (
-        update(Message)
-        .where(col(Message.live), col(Message.updated_at) < silent_since)
-        .values(live=False, is_success=False, status_code=500, updated_at=utc_now())
-        .returning(Message.conversation_id)
-    )
-    async with AsyncSession(engine) as session:
-        for conversation_id in set((await session.exec(query)).scalars()):
-            await touch_conversation(session, conversation_id)
-        await session.commit()
-
-
 async def close_dead_turns_forever() -> None:
+    """End live turns whose row has not been written for DEAD_TURN_SECONDS: their process died."""
     while True:
+        silent_since = database_clock() - timedelta(seconds=settings.dead_turn_seconds)
+        query = (
+            update(Message)
+            .where(col(Message.live), col(Message.updated_at) < silent_since)
+            .values(live=False, is_success=False, status_code=500, updated_at=utc_now())
+            .returning(Message.conversation_id)
+        )
         try:
-            await close_dead_turns()
+            async with AsyncSession(engine) as session:
+                for conversation_id in set((await session.exec(query)).scalars()):
+                    await touch_conversation(session, conversation_id)
+                await session.commit()
         except DATABASE_ERRORS as error:
             logger.warning("Could not look for dead turns: %s", error)
         await asyncio.sleep(settings.dead_turn_seconds / 2)
