@@ -1078,31 +1078,21 @@ def prompt_within_limit(prompt: str, where: tuple[str, ...]) -> None:
         )
 
 
-def validated(model: type[SQLModel], data: object) -> Any:
-    """What FastAPI does for a body or query model, done by hand where a reconnect skips it."""
+async def validated(model: type[SQLModel], request: Request) -> Any:
+    """The query (of a GET) or JSON body (an empty one is {}) as `model`, checked as FastAPI
+    would: by hand, since a reconnect is not checked."""
     try:
-        return model.model_validate(data)
+        if request.method == "GET":
+            return model.model_validate(dict(request.query_params))
+        body = await request.body()
+        return model.model_validate(json.loads(body) if body else {})
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from None
-
-
-async def json_body(request: Request) -> object:
-    try:
-        return json.loads(await request.body())
     except ValueError:  # not JSON, or not UTF-8
         message = "The body must be JSON"
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body",), "msg": message}]
         ) from None
-
-
-def take_a_reply_place() -> None:
-    if not reply_places.acquire(blocking=False):
-        raise HTTPException(
-            429,
-            "Too many replies are being generated (MAX_LIVE_REPLIES)",
-            {"Retry-After": "1"},
-        )
 
 
 async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
@@ -1120,7 +1110,7 @@ async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveRep
     message = Message(prompt_content=request.prompt, response_content="", live=True)
     messages = chat_messages(request.prompt, history)
     reply = await start_reply(session, conversation, message, messages)
-    if untitled and conversation.model_type != ECHO:
+    if untitled and conversation.model_type != ECHO:  # echo's title is the placeholder
         title = conversation.title, conversation.model_type, request.prompt
         in_background(write_title(conversation.id, *title))
     return reply
@@ -1158,7 +1148,9 @@ async def start_reply(
 ) -> LiveReply:
     """Store the prompt (with whatever else the session holds) and start the reply to
     `messages`, which runs on its own from then on."""
-    take_a_reply_place()
+    if not reply_places.acquire(blocking=False):
+        too_many = "Too many replies are being generated (MAX_LIVE_REPLIES)"
+        raise HTTPException(429, too_many, {"Retry-After": "1"})
     opening = None
     if conversation.model_type != ECHO:
         # Ask the model now and store the prompt meanwhile: the database adds no wait.
@@ -1251,10 +1243,7 @@ TITLE_INSTRUCTION = "Reply with only a short title, at most six words, for a cha
 async def write_title(
     conversation_id: int, placeholder: str, model: str, prompt: str
 ) -> None:
-    """Give a new conversation an LLM-written title, unless the user renamed it meanwhile.
-
-    (With echo the placeholder, the prompt's first words, is already the model's answer.)
-    """
+    """Give a new conversation an LLM-written title, unless the user renamed it meanwhile."""
     messages = [
         {"role": "system", "content": TITLE_INSTRUCTION},
         {"role": "user", "content": prompt},
@@ -1364,10 +1353,8 @@ async def generate_stream(
     # A browser's EventSource reconnects with the same request: that starts no new turn.
     if resumed := resumed_from(last_event_id):
         return await follow(*resumed, session)
-    if request.method == "GET":
-        turn = validated(GenerateQuery, dict(request.query_params))
-    else:
-        turn = validated(GenerateRequest, await json_body(request))
+    model = GenerateQuery if request.method == "GET" else GenerateRequest
+    turn = await validated(model, request)
     return event_stream(await start_turn(turn, session), 0)
 
 
@@ -1386,8 +1373,7 @@ async def regenerate(
     """A sibling of the message (with a prompt, an edit), streamed as generation is."""
     if resumed := resumed_from(last_event_id):
         return await follow(*resumed, session)
-    body = await json_body(request) if await request.body() else {}
-    prompt = validated(RegenerateRequest, body).prompt
+    prompt = (await validated(RegenerateRequest, request)).prompt
     return event_stream(await start_sibling(message_id, prompt, session), 0)
 
 
