@@ -829,7 +829,7 @@ async def recent_successful_turns(
 # exactly once. Clients follow it, in this process from memory, from any other process through
 # its row, which the reply writes every CHECKPOINT_MS while its text changes (a checkpoint) and
 # every DEAD_TURN_SECONDS/3 anyway (a heartbeat). A live row that stops beating belongs to a
-# process that died, and any worker closes it (close_dead_turns).
+# process that died, and any worker closes it (close_dead_turns_forever).
 #
 # Every event carries an id, `<message_id>:<offset>` (the characters of reply text sent up to
 # and including it) or `<message_id>:end` on the final event, so a client that lost its
@@ -1318,18 +1318,13 @@ def documented(*statuses: int, stream: bool = True) -> dict[int | str, dict]:
 def request_schema(model: type[SQLModel], where: str) -> dict:
     """For the document: the query or body that an endpoint validates by hand."""
     schema = model.model_json_schema()
+    required = schema.get("required", [])
     if where == "body":
-        content = {"application/json": {"schema": schema}}
         # A body whose fields are all optional may be left out.
-        required = bool(schema.get("required"))
-        return {"requestBody": {"required": required, "content": content}}
+        content = {"application/json": {"schema": schema}}
+        return {"requestBody": {"required": bool(required), "content": content}}
     parameters = [
-        {
-            "name": name,
-            "in": "query",
-            "required": name in schema["required"],
-            "schema": field,
-        }
+        {"name": name, "in": "query", "required": name in required, "schema": field}
         for name, field in schema["properties"].items()
     ]
     return {"parameters": parameters}
