@@ -835,13 +835,11 @@ async def recent_successful_turns(
 # and including it) or `<message_id>:end` on the final event, so a client that lost its
 # connection asks for the rest with a Last-Event-ID header and gets each character once.
 
-# The status of a stopped reply. Set on a live row, it asks the reply's process to stop.
-STOPPED = 499
+STOPPED = 499  # a stopped reply's status; on a live row it asks the process to stop
 RETRY_MS = 1000  # how soon a browser's EventSource reconnects
 PING_SECONDS = 15  # a comment line that keeps idle connections open through proxies
 HEARTBEAT_SECONDS = settings.dead_turn_seconds / 3
-# How often a reply looks at its row (and writes it, when due): whatever CHECKPOINT_MS is, often
-# enough for its heartbeat.
+# How often a reply looks at its row (and writes it, when due): often enough for a heartbeat.
 TICK_SECONDS = min(settings.checkpoint_ms / 1000, HEARTBEAT_SECONDS)
 background_tasks: set[asyncio.Task] = set()
 
@@ -980,7 +978,6 @@ async def checkpoint(reply: LiveReply) -> None:
 
 
 def end_values(reply: LiveReply, status_code: int) -> dict:
-    """The columns of a turn that ended with `status_code`."""
     values = {
         "response_content": "".join(reply.pieces),
         "piece_lengths": reply.piece_lengths(),
@@ -1079,8 +1076,7 @@ def prompt_within_limit(prompt: str, where: tuple[str, ...]) -> None:
 
 
 async def validated(model: type[SQLModel], request: Request) -> Any:
-    """The query (of a GET) or JSON body (an empty one is {}) as `model`, checked as FastAPI
-    would: by hand, since a reconnect is not checked."""
+    """The query (GET) or JSON body (empty: {}) as `model`, checked by hand: a reconnect isn't."""
     try:
         if request.method == "GET":
             return model.model_validate(dict(request.query_params))
@@ -1133,9 +1129,8 @@ async def start_sibling(
     prompt = message.prompt_content if prompt is None else prompt
     history = await recent_successful_turns(session, conversation.id)
     turn = Message(prompt_content=prompt, response_content="", live=True)
-    return await start_reply(
-        session, conversation, turn, chat_messages(prompt, history)
-    )
+    messages = chat_messages(prompt, history)
+    return await start_reply(session, conversation, turn, messages)
 
 
 async def start_reply(
@@ -1146,8 +1141,7 @@ async def start_reply(
     sampling: dict | None = None,
     call: list[tuple[str, str]] | None = None,
 ) -> LiveReply:
-    """Store the prompt (with whatever else the session holds) and start the reply to
-    `messages`, which runs on its own from then on."""
+    """Store the prompt (and what else the session holds); start the reply, on its own."""
     if not reply_places.acquire(blocking=False):
         too_many = "Too many replies are being generated (MAX_LIVE_REPLIES)"
         raise HTTPException(429, too_many, {"Retry-After": "1"})
@@ -1468,13 +1462,12 @@ async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
     while True:
         changed = reply.changed
         new = reply.pieces[read:]
-        text = "".join(new)
-        start = position  # where `text` begins in the reply
+        text = "".join(new)  # from `position` in the reply on
         read += len(new)
+        if position + len(text) > offset:
+            yield text[max(offset - position, 0) :]
+            offset = position + len(text)
         position += len(text)
-        if position > offset:
-            yield text[max(offset - start, 0) :]
-            offset = position
         if reply.stored.is_set():
             return
         if not text:
@@ -1512,8 +1505,7 @@ async def text_from_the_row(
             last_sent = time.monotonic()
         if ended:
             end.append((*how_it_ended(ended), ended))
-            return
-        if stopping:
+        if ended or stopping:
             return
         if time.monotonic() - last_sent > PING_SECONDS:
             yield ""
@@ -1522,10 +1514,8 @@ async def text_from_the_row(
 
 
 PING = b": ping\n\n"
-STREAM_HEADERS = {
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
-}
+# X-Accel-Buffering: no asks nginx to pass each event on at once.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DELETED = "The conversation or the message was deleted"
 
 
