@@ -802,19 +802,17 @@ async def recent_successful_turns(
 # exactly once. Clients follow it, in this process from memory, from any other process through
 # its row, which the reply writes every CHECKPOINT_MS while its text changes (a checkpoint) and
 # every DEAD_TURN_SECONDS/3 anyway (a heartbeat). A live row that stops beating belongs to a
-# process that died, and any worker closes it (close_dead_turns).
+# process that died, and any worker closes it (close_dead_turns_forever).
 #
 # Every event carries an id, `<message_id>:<offset>` (the characters of reply text sent up to
 # and including it) or `<message_id>:end` on the final event, so a client that lost its
 # connection asks for the rest with a Last-Event-ID header and gets each character once.
 
-# The status of a stopped reply. Set on a live row, it asks the reply's process to stop.
-STOPPED = 499
+STOPPED = 499  # a stopped reply's status; on a live row it asks the process to stop
 RETRY_MS = 1000  # how soon a browser's EventSource reconnects
 PING_SECONDS = 15  # a comment line that keeps idle connections open through proxies
 HEARTBEAT_SECONDS = settings.dead_turn_seconds / 3
-# How often a reply looks at its row (and writes it, when due): whatever CHECKPOINT_MS is, often
-# enough for its heartbeat.
+# How often a reply looks at its row (and writes it, when due): often enough for a heartbeat.
 TICK_SECONDS = min(settings.checkpoint_ms / 1000, HEARTBEAT_SECONDS)
 background_tasks: set[asyncio.Task] = set()
 
@@ -835,11 +833,9 @@ class LiveReply:
     length: int = 0  # characters so far
     finish_reason: str | None = None  # why the model stopped, as it said (stop, length)
     usage: dict[str, int | None] = field(default_factory=dict)
-    # Set, and replaced by a new one, on every change: followers wait on it.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    # What ended it before the model did: a stop, a deletion.
-    ended_by: tuple[int, str] | None = None
+    ended_by: tuple[int, str] | None = None  # a stop or a deletion, before the model
     # A /v1 call's messages: with the reply, its turn's path (see "OpenAI-compatible front").
     call: list[tuple[str, str]] | None = None
     # How it ended, once stored: the status (a 503 when it could not be stored), a detail for
@@ -862,14 +858,10 @@ class LiveReply:
 
     def set_usage(self, prompt: Any, response: Any, total: Any) -> None:
         # A model may report anything; a count a column cannot hold is unknown.
-        counts = {
-            "prompt_tokens": prompt,
-            "response_tokens": response,
-            "total_tokens": total,
-        }
+        names = "prompt_tokens", "response_tokens", "total_tokens"
         self.usage = {
             name: value if type(value) is int and 0 <= value <= INT32_MAX else None
-            for name, value in counts.items()
+            for name, value in zip(names, (prompt, response, total), strict=True)
         }
 
     def piece_lengths(self) -> str:
@@ -959,7 +951,6 @@ async def checkpoint(reply: LiveReply) -> None:
 
 
 def end_values(reply: LiveReply, status_code: int) -> dict:
-    """The columns of a turn that ended with `status_code`."""
     values = {
         "response_content": "".join(reply.pieces),
         "piece_lengths": reply.piece_lengths(),
@@ -980,12 +971,20 @@ async def store_end(
     reply: LiveReply, status_code: int, detail: str
 ) -> tuple[int, str, Message | None]:
     """Store how the turn ended, retrying a failing database for about 10 s; return the end
-    as stored (another process may have ended it first) and the row."""
+    as stored (another process may have ended it first) and the row (None: deleted)."""
     values = end_values(reply, status_code)
+    live_row = (col(Message.id) == reply.message_id) & col(Message.live)
+    query = update(Message).where(live_row).values(values).returning(Message)
     deadline = time.monotonic() + 10
     while True:
         try:
-            message = await write_end(reply, values)
+            async with AsyncSession(engine, expire_on_commit=False) as session:
+                updated_at = values["updated_at"]
+                await touch_conversation(session, reply.conversation_id, updated_at)
+                message = (await session.exec(query)).scalar_one_or_none()
+                if message is None:  # deleted, or ended by another process's stop
+                    message = await session.get(Message, reply.message_id)
+                await session.commit()
             break
         except DATABASE_ERRORS as error:
             if time.monotonic() > deadline:
@@ -999,19 +998,6 @@ async def store_end(
     if message.is_success or message.status_code != status_code:
         status_code, detail = how_it_ended(message)
     return status_code, detail, message
-
-
-async def write_end(reply: LiveReply, values: dict) -> Message | None:
-    """The live row updated with `values`; as it is if it had ended already (None: deleted)."""
-    async with AsyncSession(engine, expire_on_commit=False) as session:
-        await touch_conversation(session, reply.conversation_id, values["updated_at"])
-        live_row = (col(Message.id) == reply.message_id) & col(Message.live)
-        query = update(Message).where(live_row).values(values).returning(Message)
-        message = (await session.exec(query)).scalar_one_or_none()
-        if message is None:  # deleted, or ended by another process's stop
-            message = await session.get(Message, reply.message_id)
-        await session.commit()
-    return message
 
 
 async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
@@ -1030,25 +1016,21 @@ async def stop_elsewhere(message_id: int, session: AsyncSession) -> None:
     await session.commit()
 
 
-async def close_dead_turns() -> None:
-    """End live turns whose row has not been written for DEAD_TURN_SECONDS: their process died."""
-    silent_since = database_clock() - timedelta(seconds=settings.dead_turn_seconds)
-    query = (
-        update(Message)
-        .where(col(Message.live), col(Message.updated_at) < silent_since)
-        .values(live=False, is_success=False, status_code=500, updated_at=utc_now())
-        .returning(Message.conversation_id)
-    )
-    async with AsyncSession(engine) as session:
-        for conversation_id in set((await session.exec(query)).scalars()):
-            await touch_conversation(session, conversation_id)
-        await session.commit()
-
-
 async def close_dead_turns_forever() -> None:
+    """End live turns whose row has not been written for DEAD_TURN_SECONDS: their process died."""
     while True:
+        silent_since = database_clock() - timedelta(seconds=settings.dead_turn_seconds)
+        query = (
+            update(Message)
+            .where(col(Message.live), col(Message.updated_at) < silent_since)
+            .values(live=False, is_success=False, status_code=500, updated_at=utc_now())
+            .returning(Message.conversation_id)
+        )
         try:
-            await close_dead_turns()
+            async with AsyncSession(engine) as session:
+                for conversation_id in set((await session.exec(query)).scalars()):
+                    await touch_conversation(session, conversation_id)
+                await session.commit()
         except DATABASE_ERRORS as error:
             logger.warning("Could not look for dead turns: %s", error)
         await asyncio.sleep(settings.dead_turn_seconds / 2)
@@ -1066,31 +1048,20 @@ def prompt_within_limit(prompt: str, where: tuple[str, ...]) -> None:
         )
 
 
-def validated(model: type[SQLModel], data: object) -> Any:
-    """What FastAPI does for a body or query model, done by hand where a reconnect skips it."""
+async def validated(model: type[SQLModel], request: Request) -> Any:
+    """The query (GET) or JSON body (empty: {}) as `model`, checked by hand: a reconnect isn't."""
     try:
-        return model.model_validate(data)
+        if request.method == "GET":
+            return model.model_validate(dict(request.query_params))
+        body = await request.body()
+        return model.model_validate(json.loads(body) if body else {})
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from None
-
-
-async def json_body(request: Request) -> object:
-    try:
-        return json.loads(await request.body())
     except ValueError:  # not JSON, or not UTF-8
         message = "The body must be JSON"
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body",), "msg": message}]
         ) from None
-
-
-def take_a_reply_place() -> None:
-    if not reply_places.acquire(blocking=False):
-        raise HTTPException(
-            429,
-            "Too many replies are being generated (MAX_LIVE_REPLIES)",
-            {"Retry-After": "1"},
-        )
 
 
 async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveReply:
@@ -1108,7 +1079,7 @@ async def start_turn(request: GenerateRequest, session: AsyncSession) -> LiveRep
     message = Message(prompt_content=request.prompt, response_content="", live=True)
     messages = chat_messages(request.prompt, history)
     reply = await start_reply(session, conversation, message, messages)
-    if untitled and conversation.model_type != ECHO:
+    if untitled and conversation.model_type != ECHO:  # echo's title is the placeholder
         title = conversation.title, conversation.model_type, request.prompt
         in_background(write_title(conversation.id, *title))
     return reply
@@ -1131,9 +1102,8 @@ async def start_sibling(
     prompt = message.prompt_content if prompt is None else prompt
     history = await recent_successful_turns(session, conversation.id)
     turn = Message(prompt_content=prompt, response_content="", live=True)
-    return await start_reply(
-        session, conversation, turn, chat_messages(prompt, history)
-    )
+    messages = chat_messages(prompt, history)
+    return await start_reply(session, conversation, turn, messages)
 
 
 async def start_reply(
@@ -1144,9 +1114,10 @@ async def start_reply(
     sampling: dict | None = None,
     call: list[tuple[str, str]] | None = None,
 ) -> LiveReply:
-    """Store the prompt (with whatever else the session holds) and start the reply to
-    `messages`, which runs on its own from then on."""
-    take_a_reply_place()
+    """Store the prompt (and what else the session holds); start the reply, on its own."""
+    if not reply_places.acquire(blocking=False):
+        too_many = "Too many replies are being generated (MAX_LIVE_REPLIES)"
+        raise HTTPException(429, too_many, {"Retry-After": "1"})
     opening = None
     if conversation.model_type != ECHO:
         # Ask the model now and store the prompt meanwhile: the database adds no wait.
@@ -1240,10 +1211,7 @@ TITLE_INSTRUCTION = "Reply with only a short title, at most six words, for a cha
 async def write_title(
     conversation_id: int, placeholder: str, model: str, prompt: str
 ) -> None:
-    """Give a new conversation an LLM-written title, unless the user renamed it meanwhile.
-
-    (With echo the placeholder, the prompt's first words, is already the model's answer.)
-    """
+    """Give a new conversation an LLM-written title, unless the user renamed it meanwhile."""
     messages = [
         {"role": "system", "content": TITLE_INSTRUCTION},
         {"role": "user", "content": prompt},
@@ -1318,18 +1286,13 @@ def documented(*statuses: int, stream: bool = True) -> dict[int | str, dict]:
 def request_schema(model: type[SQLModel], where: str) -> dict:
     """For the document: the query or body that an endpoint validates by hand."""
     schema = model.model_json_schema()
+    required = schema.get("required", [])
     if where == "body":
-        content = {"application/json": {"schema": schema}}
         # A body whose fields are all optional may be left out.
-        required = bool(schema.get("required"))
-        return {"requestBody": {"required": required, "content": content}}
+        content = {"application/json": {"schema": schema}}
+        return {"requestBody": {"required": bool(required), "content": content}}
     parameters = [
-        {
-            "name": name,
-            "in": "query",
-            "required": name in schema["required"],
-            "schema": field,
-        }
+        {"name": name, "in": "query", "required": name in required, "schema": field}
         for name, field in schema["properties"].items()
     ]
     return {"parameters": parameters}
@@ -1353,10 +1316,8 @@ async def generate_stream(
     # A browser's EventSource reconnects with the same request: that starts no new turn.
     if resumed := resumed_from(last_event_id):
         return await follow(*resumed, session)
-    if request.method == "GET":
-        turn = validated(GenerateQuery, dict(request.query_params))
-    else:
-        turn = validated(GenerateRequest, await json_body(request))
+    model = GenerateQuery if request.method == "GET" else GenerateRequest
+    turn = await validated(model, request)
     return event_stream(await start_turn(turn, session), 0)
 
 
@@ -1375,8 +1336,7 @@ async def regenerate(
     """A sibling of the message (with a prompt, an edit), streamed as generation is."""
     if resumed := resumed_from(last_event_id):
         return await follow(*resumed, session)
-    body = await json_body(request) if await request.body() else {}
-    prompt = validated(RegenerateRequest, body).prompt
+    prompt = (await validated(RegenerateRequest, request)).prompt
     return event_stream(await start_sibling(message_id, prompt, session), 0)
 
 
@@ -1435,32 +1395,37 @@ async def follow(
     await session.close()  # hold no connection for the stream's length
     if offset is None:  # the client has the final event already: don't reconnect
         return Response(status_code=204)
-    if reply := live_replies.get(message.id):
-        return event_stream(reply, offset)
-    return event_stream(message, offset)
+    return event_stream(live_replies.get(message.id, message), offset)
 
 
 def event_stream(turn: LiveReply | Message, offset: int) -> EventSourceResponse:
     """The turn's events from `offset`: start, the text past it, the live pieces, the end."""
-    if isinstance(turn, LiveReply):
-        message_id, conversation_id = turn.message_id, turn.conversation_id
-        events = events_in_memory(turn, offset)
-    else:
-        message_id, conversation_id = turn.id, turn.conversation_id
-        events = events_from_the_row(message_id, offset)
+    live = isinstance(turn, LiveReply)
+    message_id = turn.message_id if live else turn.id
+    ids = {"conversation_id": turn.conversation_id, "message_id": message_id}
     headers = {
-        "X-Conversation-Id": str(conversation_id),
+        "X-Conversation-Id": str(turn.conversation_id),
         "X-Message-Id": str(message_id),
         **STREAM_HEADERS,
     }
-    ids = {"conversation_id": conversation_id, "message_id": message_id}
 
-    async def start_then_events() -> AsyncIterator[bytes]:
-        yield sse(ids, "start", f"{message_id}:{offset}", retry=RETRY_MS)
-        async for item in events:
-            yield item
+    async def events(sent: int) -> AsyncIterator[bytes]:
+        yield sse(ids, "start", f"{message_id}:{sent}", retry=RETRY_MS)
+        end = []
+        if live:
+            texts = text_in_memory(turn, sent)
+        else:
+            texts = text_from_the_row(message_id, sent, end)
+        async for text in texts:
+            sent += len(text)
+            piece_id = f"{message_id}:{sent}"
+            yield sse({"content": text}, event_id=piece_id) if text else PING
+        if live:
+            yield final_event(message_id, turn.status_code, turn.detail, turn.message)
+        elif end:
+            yield final_event(message_id, *end[0])
 
-    return EventSourceResponse(start_then_events(), headers=headers)
+    return EventSourceResponse(events(offset), headers=headers)
 
 
 async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
@@ -1471,13 +1436,12 @@ async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
     while True:
         changed = reply.changed
         new = reply.pieces[read:]
-        text = "".join(new)
-        start = position  # where `text` begins in the reply
+        text = "".join(new)  # from `position` in the reply on
         read += len(new)
+        if position + len(text) > offset:
+            yield text[max(offset - position, 0) :]
+            offset = position + len(text)
         position += len(text)
-        if position > offset:
-            yield text[max(offset - start, 0) :]
-            offset = position
         if reply.stored.is_set():
             return
         if not text:
@@ -1485,22 +1449,6 @@ async def text_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[str]:
                 await changed.wait()
             if idle.cancelled_caught:
                 yield ""
-
-
-async def events_in_memory(reply: LiveReply, offset: int) -> AsyncIterator[bytes]:
-    async for text in text_in_memory(reply, offset):
-        offset += len(text)
-        yield piece_event(reply.message_id, text, offset) if text else PING
-    yield final_event(reply.message_id, reply.status_code, reply.detail, reply.message)
-
-
-async def events_from_the_row(message_id: int, offset: int) -> AsyncIterator[bytes]:
-    end = []
-    async for text in text_from_the_row(message_id, offset, end):
-        offset += len(text)
-        yield piece_event(message_id, text, offset) if text else PING
-    if end:
-        yield final_event(message_id, *end[0])
 
 
 async def text_from_the_row(
@@ -1514,14 +1462,12 @@ async def text_from_the_row(
         # Only the text past what was sent: a long reply is not read whole every poll.
         past_offset = func.substr(Message.response_content, offset + 1)
         query = select(past_offset, Message.live).where(col(Message.id) == message_id)
+        ended = None  # the stored turn, for the final event
         try:
             async with AsyncSession(engine) as session:
                 row = (await session.exec(query)).first()
-                ended = (  # the stored turn, for the final event
-                    await session.get(Message, message_id)
-                    if row and not row.live
-                    else None
-                )
+                if row and not row.live:
+                    ended = await session.get(Message, message_id)
         except DATABASE_ERRORS:
             return
         if row is None:
@@ -1533,8 +1479,7 @@ async def text_from_the_row(
             last_sent = time.monotonic()
         if ended:
             end.append((*how_it_ended(ended), ended))
-            return
-        if stopping:
+        if ended or stopping:
             return
         if time.monotonic() - last_sent > PING_SECONDS:
             yield ""
@@ -1543,10 +1488,8 @@ async def text_from_the_row(
 
 
 PING = b": ping\n\n"
-STREAM_HEADERS = {
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
-}
+# X-Accel-Buffering: no asks nginx to pass each event on at once.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DELETED = "The conversation or the message was deleted"
 
 
@@ -1559,10 +1502,6 @@ def sse(
     """One server-sent event; `data` is sent as JSON (a str as it is)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return format_sse_event(data_str=text, event=event, id=event_id, retry=retry)
-
-
-def piece_event(message_id: int, text: str, offset: int) -> bytes:
-    return sse({"content": text}, event_id=f"{message_id}:{offset}")
 
 
 def how_it_ended(message: Message) -> tuple[int, str]:
@@ -1578,7 +1517,6 @@ def how_it_ended(message: Message) -> tuple[int, str]:
 def final_event(
     message_id: int, status_code: int, detail: str, message: Message | None
 ) -> bytes:
-    """done, with the message as stored, or an error with its status."""
     end_id = f"{message_id}:end"
     if status_code != 200:
         return sse({"detail": detail, "status_code": status_code}, "error", end_id)
