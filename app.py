@@ -1,8 +1,8 @@
 """A chat backend: conversations with an LLM, stored in SQLite or Postgres, replies streamed as SSE.
 
-Read top to bottom: settings, database, models (the LLM kind), shutdown, the app, then the
-endpoints for conversations, messages, generation, the OpenAI-compatible front (/v1) and
-health. The HTTP API is in README.md.
+Read top to bottom: settings, database, models (the LLM kind), shutdown, the app, then one
+section a capability: conversations, messages, branches, live replies, generation, following a
+reply, the OpenAI-compatible front (/v1), search/export/import, the Responses API, browsers.
 """
 
 import asyncio
@@ -455,39 +455,29 @@ async def http_error(request: Request, error: StarletteHTTPException) -> JSONRes
 BODY_LIMITS: dict[str, tuple[int, str]] = {}  # a path's own limit, and its setting
 
 
-class LimitBodies:
-    """413 for a body over the limit, before the app runs: a larger one is never read whole.
-    The app then reads the body as it came. Pure ASGI."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        default = (settings.max_body_bytes, "MAX_BODY_BYTES")
-        limit, setting = BODY_LIMITS.get(scope["path"], default)
-        message = f"The request body is over {limit:,} bytes ({setting})"
-        too_large = error_for(scope["path"], 413, message)
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > limit:
+async def body_within_limit(scope: dict, receive: Any, send: Any) -> Any:
+    """The body, taken in before the app runs, as a `receive` that replays it; None when a
+    body over the limit got its 413 before it was read whole (or the client left)."""
+    default = (settings.max_body_bytes, "MAX_BODY_BYTES")
+    limit, setting = BODY_LIMITS.get(scope["path"], default)
+    message = f"The request body is over {limit:,} bytes ({setting})"
+    too_large = error_for(scope["path"], 413, message)
+    length = Headers(scope=scope).get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        return await too_large(scope, receive, send)
+    messages, received = [], 0
+    while not messages or messages[-1].get("more_body"):
+        messages.append(part := await receive())
+        received += len(part.get("body", b""))
+        if part["type"] == "http.disconnect":
+            return None  # the client left
+        if received > limit:  # sent without a Content-Length (chunked)
             return await too_large(scope, receive, send)
-        messages, received = [], 0
-        while not messages or messages[-1].get("more_body"):
-            messages.append(part := await receive())
-            received += len(part.get("body", b""))
-            if part["type"] == "http.disconnect":
-                return  # the client left
-            if received > limit:  # sent without a Content-Length (chunked)
-                return await too_large(scope, receive, send)
 
-        async def replay() -> dict:
-            return messages.pop(0) if messages else await receive()
+    async def replay() -> dict:
+        return messages.pop(0) if messages else await receive()
 
-        await self.app(scope, replay, send)
-
-
-app.add_middleware(LimitBodies)  # inside CORS and the guards: added before them
+    return replay
 
 
 async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
@@ -577,9 +567,8 @@ async def list_conversations(
     take: Take = 100,
     model_type: Annotated[str, AfterValidator(storable_text)] = "",
 ) -> list[ConversationPublic]:
-    query = select(Conversation).order_by(
-        col(Conversation.updated_at).desc(), col(Conversation.id).desc()
-    )
+    newest = (col(Conversation.updated_at).desc(), col(Conversation.id).desc())
+    query = select(Conversation).order_by(*newest)
     if model_type:
         query = query.where(Conversation.model_type == model_type)
     return (await session.exec(query.offset(skip).limit(take))).all()
@@ -594,9 +583,8 @@ async def read_conversation(conversation: ConversationDep) -> ConversationPublic
 async def create_conversation(
     body: ConversationCreate, session: SessionDep
 ) -> ConversationPublic:
-    conversation = Conversation.model_validate(
-        body, update={"model_type": body.model_type or settings.default_model}
-    )
+    model_type = body.model_type or settings.default_model
+    conversation = Conversation.model_validate(body, update={"model_type": model_type})
     session.add(conversation)
     await session.commit()
     return conversation
@@ -1838,9 +1826,7 @@ async def search(
     query = select(Conversation).where(titled).order_by(*activity)
     async with AsyncSession(reader) as session:
         titles = (await session.exec(query.offset(skip).limit(take))).all()
-        hits = [
-            SearchHit(conversation=c, message=None, snippet=c.title) for c in titles
-        ]
+        hits = [SearchHit(conversation=c, snippet=c.title) for c in titles]
         if len(hits) == take:
             return hits
         titles_found = skip + len(titles)
@@ -2477,8 +2463,9 @@ def allowed_host(host: str) -> bool:
         return False
 
 
-class RefuseOtherSites:
-    """Pure ASGI (no BaseHTTPMiddleware): streams pass through untouched. Not Starlette's
+class Guard:
+    """Every request, before the app: its Host, a browser's origin, the size of its body. Pure
+    ASGI (no BaseHTTPMiddleware): streams pass through untouched. Not Starlette's
     TrustedHostMiddleware for hosts: it cannot let any IP address in, and answers in plain text."""
 
     def __init__(self, app: Any) -> None:
@@ -2498,11 +2485,11 @@ class RefuseOtherSites:
         ):
             message = "Refused: a browser request from another site. Add its origin to CORS_ORIGINS to allow it."
             await error_for(path, 403, message)(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        elif replay := await body_within_limit(scope, receive, send):
+            await self.app(scope, replay, send)
 
 
-app.add_middleware(RefuseOtherSites)
+app.add_middleware(Guard)
 # Outside the guard, so that preflights get CORS's answer (none for other origins: 400).
 app.add_middleware(
     CORSMiddleware,

@@ -361,7 +361,7 @@ class OpenAIErrorBody(SQLModel):
 
 class SearchHit(SQLModel):
     conversation: ConversationPublic
-    message: MessagePublic | None  # None: a title hit
+    message: MessagePublic | None = None  # None: a title hit
     snippet: str
 
 
