@@ -281,15 +281,21 @@ class ErrorDetail(SQLModel):
 # The OpenAI-compatible front (/v1) -------------------------------------------------------
 
 
-def text_of(content: object) -> object:
-    """A message's content as one text: a list of text parts joined with newlines."""
-    if not isinstance(content, list):
-        return content
-    for part in content:
-        is_text = isinstance(part, dict) and part.get("type") == "text"
-        if not (is_text and isinstance(part.get("text"), str)):
-            raise ValueError("only text content parts are supported")
-    return "\n".join(part["text"] for part in content)
+def text_parts(*kinds: str) -> BeforeValidator:
+    """A message's content as one text: a string, or its text parts (of these types) joined
+    with newlines."""
+
+    def joined(content: object) -> object:
+        if not isinstance(content, list):
+            return content
+        for part in content:
+            is_text = isinstance(part, dict) and part.get("type") in kinds
+            if not (is_text and isinstance(part.get("text"), str)):
+                supported = " and ".join(kinds)
+                raise ValueError(f"only {supported} content parts are supported")
+        return "\n".join(part["text"] for part in content)
+
+    return BeforeValidator(joined)
 
 
 def developer_is_system(role: str) -> str:
@@ -304,7 +310,7 @@ class ChatMessage(SQLModel):
         Literal["system", "developer", "user", "assistant"],
         AfterValidator(developer_is_system),
     ]
-    content: Annotated[Content, BeforeValidator(text_of)]
+    content: Annotated[Content, text_parts("text")]
 
 
 def ends_with_the_prompt(messages: list[ChatMessage]) -> list[ChatMessage]:
@@ -624,20 +630,6 @@ class ImportResult(SQLModel):
 # OpenAI Responses API --------------------------------------------------------------------
 
 
-def text_of_parts(content: object) -> object:
-    """A Responses message's content as one text: its text parts joined with newlines."""
-    if not isinstance(content, list):
-        return content
-    for part in content:
-        is_text = isinstance(part, dict) and part.get("type") in TEXT_PARTS
-        if not (is_text and isinstance(part.get("text"), str)):
-            raise ValueError(
-                "only input_text and output_text content parts are supported"
-            )
-    return "\n".join(part["text"] for part in content)
-
-
-TEXT_PARTS = ("input_text", "output_text")
 MetadataText = Annotated[
     Annotated[str, StringConstraints(max_length=512)], AfterValidator(storable_text)
 ]
@@ -647,7 +639,7 @@ class ResponseInputMessage(SQLModel):
     model_config = STRICT
 
     role: Literal["user", "assistant", "system", "developer"]
-    content: Annotated[Content, BeforeValidator(text_of_parts)]
+    content: Annotated[Content, text_parts("input_text", "output_text")]
     type: Literal["message"] | None = (
         None  # function calls, images, files: not supported
     )
