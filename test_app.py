@@ -194,12 +194,6 @@ async def chat_completions(request: Request) -> object:
 # Servers and databases -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def llm_url() -> Iterator[str]:
     config = uvicorn.Config(
@@ -1571,15 +1565,19 @@ def test_a_reply_that_ends_without_a_finish_reason_is_502(
 
 
 def test_an_unreachable_upstream_is_502(start_app: Callable[..., Server]) -> None:
-    app = start_app(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
-    with httpx.Client(base_url=app.url, timeout=10) as client:
+    # A port bound but never listening refuses connections, and no server of a parallel
+    # test can take it meanwhile.
+    with socket.socket() as closed, httpx.Client(timeout=10) as client:
+        closed.bind(("127.0.0.1", 0))
+        app = start_app(
+            OPENAI_BASE_URL=f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+        )
+        client.base_url = app.url
         conversation = new_conversation(client, model_type="gpt-test")
         _, events = generate(client, prompt="hi", conversation_id=conversation["id"])
         assert error_event(events)["status_code"] == 502
-        assert (
-            client.get(f"/messages/{events[0][1]['message_id']}").json()["status_code"]
-            == 502
-        )
+        message_id = events[0][1]["message_id"]
+        assert client.get(f"/messages/{message_id}").json()["status_code"] == 502
 
 
 @pytest.fixture(scope="module")
@@ -5872,12 +5870,11 @@ def test_the_search_migration_indexes_the_ended_turns_a_database_already_holds(
     upgraded = alembic(ini, url, "upgrade", "head")
     assert upgraded.returncode == 0, upgraded.stderr
     assert alembic(ini, url, "check").returncode == 0
-    process, log = launch(
-        ["--port", str(port := free_port())], {"DATABASE_URL": url}, tmp_path
-    )
+    process, log = launch(["--port", "0"], {"DATABASE_URL": url}, tmp_path)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, log)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        app_url = listening_url(process, log)
+        wait_healthy(app_url, process, log)
+        with httpx.Client(base_url=app_url) as client:
             # The app ends the live turn at its start (its process is long gone): found now.
             assert found_turns(client, "quetzal") == [2, 1]
             assert found_turns(client, "東京") == [3]
